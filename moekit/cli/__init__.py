@@ -1,0 +1,1 @@
+"""The `moekit` command: one file per verb, each thin over the library."""

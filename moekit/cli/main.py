@@ -1,0 +1,25 @@
+"""Entry point of the `moekit` command. Each verb lives in its own file under `moekit/cli/`."""
+
+from __future__ import annotations
+
+import typer
+
+from moekit.cli import demo, route
+
+app = typer.Typer(
+    name="moekit",
+    help="moekit: Mixture-of-Experts routers, experts, analysis and serving under one contract.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command(name="demo", help=demo.__doc__)(demo.demo)
+app.add_typer(route.app, name="route")
+
+
+def main() -> None:
+    """Run the `moekit` command line."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Experts with fused weights in the Hugging Face transformers 5.x layout (DESIGN.md, contract 3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.layers.activations import get_activation
+from moekit.layers.dispatch import get_backend, list_backends
+from moekit.routing.routing import Routing
+
+
+class Experts(nn.Module):
+    """E feed-forward experts stored fused.
+
+    Gated (SwiGLU, GeGLU): `gate_up_proj [E, 2F, D]` (gate rows, then up rows), `down_proj [E, D, F]`,
+    expert(x) = down @ (act(gate @ x) * (up @ x)).
+    Non-gated: `up_proj [E, F, D]`, `down_proj [E, D, F]`, expert(x) = down @ act(up @ x).
+
+    Args:
+        num_experts: E.
+        dim: model width D.
+        hidden: expert width F.
+        activation: "silu" | "gelu" | "gelu_tanh" | "relu".
+        gated: gated (GLU) experts, or plain two-matrix experts.
+        backend: dispatch backend name ("auto", "eager", "loop", "grouped").
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        activation: str = "silu",
+        gated: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden", hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Experts: {name} must be a positive integer, got {v!r}")
+        self.act = get_activation(activation)
+        get_backend(backend)  # fail early on an unknown name
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.activation, self.gated, self.backend = activation, gated, backend
+        if gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal init with std 1/sqrt(fan_in) for each projection."""
+        first = self.gate_up_proj if self.gated else self.up_proj
+        nn.init.normal_(first, std=1.0 / math.sqrt(self.dim))
+        nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(self.hidden))
+
+    def forward(self, x: Tensor, routing: Routing, *, backend: str | None = None) -> Tensor:
+        """x: [T, D], routing with expert_ids/weights [T, k] -> [T, D] = sum_slots weight * expert(x)."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"Experts: expected input [T, {self.dim}], got {tuple(x.shape)}")
+        if routing.expert_ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"Experts: routing covers {routing.expert_ids.shape[0]} tokens but the input has {x.shape[0]}"
+            )
+        if routing.num_experts != self.num_experts:
+            raise ValueError(
+                f"Experts: routing is over {routing.num_experts} experts but this layer has {self.num_experts}"
+            )
+        fn = get_backend(backend or self.backend)
+        return fn(x.contiguous(), routing.expert_ids, routing.weights, self)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready constructor arguments."""
+        return {
+            "num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden,
+            "activation": self.activation, "gated": self.gated, "backend": self.backend,
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+
+__all__ = ["Experts", "list_backends"]

@@ -1,0 +1,24 @@
+"""Routers (one per file), the `Routing` contract, the registry and the auxiliary losses."""
+
+from moekit.routing.registry import (
+    build_router,
+    get_router,
+    list_routers,
+    register_router,
+    router_config,
+    router_from_config,
+)
+from moekit.routing.routing import Routing
+
+# Built-in routers register themselves on import.
+from moekit.routing import topk  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Routing",
+    "build_router",
+    "get_router",
+    "list_routers",
+    "register_router",
+    "router_config",
+    "router_from_config",
+]

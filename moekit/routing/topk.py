@@ -1,0 +1,98 @@
+"""Token-choice top-k routing.
+
+Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+Layer" (noisy top-k gating; top-k then softmax); Lepikhin et al. 2020, "GShard" and Jiang et al.
+2024, "Mixtral of Experts" (softmax then top-k, renormalised); Muennighoff et al. 2024, "OLMoE" and
+Qwen-MoE (softmax then top-k, not renormalised).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.routing.base import Router, check_choice, check_k, jitter, seq_len_of
+from moekit.routing.losses import balance_losses
+from moekit.routing.registry import register_router
+from moekit.routing.routing import Routing
+
+ORDERS = ("softmax_topk", "topk_softmax")
+NOISES = ("none", "jitter", "noisy")
+
+
+@register_router("topk")
+class TopKRouter(Router):
+    """Each token picks its k highest-scoring experts.
+
+    Args:
+        dim: model width D.
+        num_experts: E.
+        k: experts per token.
+        order: "softmax_topk" (softmax over all E, keep the top k; Mixtral/OLMoE/Qwen) or
+            "topk_softmax" (keep the top-k logits, softmax over them; Shazeer et al.).
+        normalize: with "softmax_topk", rescale the k kept probabilities to sum to 1 (Mixtral: True,
+            OLMoE/Qwen2-MoE: False).
+        noise: "none"; "jitter" (multiply inputs by U(1-eps, 1+eps), Switch); "noisy" (add
+            N(0,1) * softplus(x W_noise) to the logits, Shazeer et al.). Training only.
+        noise_eps: jitter half-width.
+        load_balance: coefficient of the Switch/GShard load-balance loss.
+        seq_balance: coefficient of the DeepSeek sequence-wise balance loss.
+        z_loss: coefficient of the ST-MoE router z-loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        k: int = 2,
+        order: str = "softmax_topk",
+        normalize: bool = True,
+        noise: str = "none",
+        noise_eps: float = 1e-2,
+        load_balance: float = 1e-2,
+        seq_balance: float = 0.0,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        check_k(k, num_experts, "TopKRouter")
+        check_choice(order, ORDERS, "order", "TopKRouter")
+        check_choice(noise, NOISES, "noise", "TopKRouter")
+        self.k = k
+        self.order = order
+        self.normalize = normalize
+        self.noise = noise
+        self.noise_eps = noise_eps
+        self.load_balance = load_balance
+        self.seq_balance = seq_balance
+        self.z_loss = z_loss
+        if noise == "noisy":
+            self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim))
+
+    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+        """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
+        if self.training and self.noise == "jitter":
+            x = jitter(x, self.noise_eps)
+        logits = self.gate_logits(x)  # [T, E]
+        select = logits
+        if self.training and self.noise == "noisy":
+            std = F.softplus(F.linear(x, self.noise_weight))
+            select = logits + torch.randn_like(logits) * std
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E], for losses
+        if self.order == "softmax_topk":
+            sel_probs = probs if select is logits else torch.softmax(select.float(), dim=-1)
+            weights, ids = torch.topk(sel_probs, self.k, dim=-1)  # [T, k]
+            if self.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            top, ids = torch.topk(select.float(), self.k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        aux = balance_losses(
+            probs, logits, ids,
+            load_balance=self.load_balance,
+            seq_balance=self.seq_balance,
+            z=self.z_loss,
+            seq_len=seq_len_of(state),
+        )
+        return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)
