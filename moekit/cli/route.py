@@ -2,6 +2,191 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(help=__doc__, no_args_is_help=True)
+
+DataArg = Annotated[str, typer.Argument(help="dataset file or folder (e.g. ../shared/data/routellm-mmlu)")]
+FormatOpt = Annotated[str, typer.Option("--format", help="routellm | routerbench | sprout")]
+RunArg = Annotated[Path, typer.Argument(help="folder written by `moekit route train`")]
+CacheOpt = Annotated[
+    Path | None, typer.Option("--cache", help="embedding cache folder (default: $MOEKIT_CACHE or ~/.cache/moekit)")
+]
+
+
+def _cache(cache: Path | None) -> Path:
+    if cache is not None:
+        return cache
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "llmroute"
+
+
+def _parse_args(router_args: str | None, kv: list[str] | None) -> dict:
+    """Router arguments from a JSON string / JSON or YAML file, then `key=value` pairs (values parsed as JSON)."""
+    args: dict = {}
+    if router_args:
+        p = Path(router_args)
+        if p.exists():
+            text = p.read_text()
+            if p.suffix in (".yaml", ".yml"):
+                from moekit.llmroute.deps import require
+
+                args = require("yaml").safe_load(text) or {}
+            else:
+                args = json.loads(text)
+        else:
+            args = json.loads(router_args)
+        if not isinstance(args, dict):
+            raise typer.BadParameter(f"--router-args: expected a JSON object, found {type(args).__name__}")
+    for item in kv or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--arg: expected key=value, found {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            args[k] = json.loads(v)
+        except json.JSONDecodeError:
+            args[k] = v
+    return args
+
+
+@app.command()
+def train(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="folder to write the trained router into")],
+    format: FormatOpt = "routellm",
+    router: Annotated[str, typer.Option(help="router name (see `moekit route list`)")] = "knn",
+    arg: Annotated[list[str] | None, typer.Option("--arg", help="router argument key=value (repeatable)")] = None,
+    router_args: Annotated[str | None, typer.Option(help="router arguments: JSON, or a .json/.yaml file")] = None,
+    embedder: Annotated[str, typer.Option(help="tfidf | sentence-transformers")] = "tfidf",
+    split: Annotated[str, typer.Option(help="query | category (held-out categories)")] = "query",
+    test_size: Annotated[float, typer.Option(help="share of queries (or categories) held out for test")] = 0.2,
+    val_size: Annotated[float, typer.Option(help="share held out for validation / calibration")] = 0.0,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    models: Annotated[str | None, typer.Option(help="comma-separated models to keep (default: all)")] = None,
+    prices: Annotated[str | None, typer.Option(help="price file {model: {input, output}} in $ per M tokens")] = None,
+    output_tokens: Annotated[int, typer.Option(help="assumed answer tokens when the data has none")] = 16,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow RouterBench's .pkl (trusted files only)")]
+    = False,
+    calibrate_share: Annotated[
+        float | None, typer.Option(help="two models: print the mu giving this share of strong calls")
+    ] = None,
+    cache: CacheOpt = None,
+) -> None:
+    """Train a router on the training part of a dataset and save it to --out."""
+    from moekit.llmroute.pipeline import DataConfig, TrainConfig, load_trained, prepare
+    from moekit.llmroute.pipeline import train as train_router
+    from moekit.llmroute.table import SplitConfig
+
+    config = TrainConfig(
+        data=DataConfig(path=str(data), format=format, prices=prices, output_tokens=output_tokens,
+                        allow_pickle=allow_pickle),
+        router=router,
+        router_args=_parse_args(router_args, arg),
+        embedder=embedder,
+        split=SplitConfig(by=split, test_size=test_size, val_size=val_size, seed=seed),
+        models=models.split(",") if models else None,
+    )
+    r = train_router(config, out, cache_dir=_cache(cache))
+    typer.echo(f"trained {r.name!r} on models {r.models}; saved to {out}")
+    if calibrate_share is not None:
+        _, train_t, val_t, _ = prepare(config)
+        part = val_t if len(val_t) else train_t
+        run = load_trained(out)
+        mu = run.router.calibrate(run.embed(part.queries, _cache(cache)), calibrate_share, part)
+        info = json.loads((out / "train.json").read_text())
+        info["calibration"] = {"strong_share": calibrate_share, "mu": mu,
+                               "on": "validation" if len(val_t) else "train"}
+        (out / "train.json").write_text(json.dumps(info, indent=2))
+        typer.echo(f"mu for {calibrate_share:.0%} strong calls: {mu:.5f} (serve as model router-<name>-{mu:.5f})")
+
+
+@app.command()
+def eval(
+    runs: Annotated[list[Path], typer.Argument(help="trained router folders (same data and split)")],
+    out: Annotated[Path | None, typer.Option(help="folder for metrics.json and plots")] = None,
+    baselines: Annotated[bool, typer.Option(help="also evaluate random, oracle, best, zero")] = True,
+    part: Annotated[str, typer.Option(help="test | val | all")] = "test",
+    cache: CacheOpt = None,
+) -> None:
+    """Print the metrics table of trained routers on their test data; write metrics.json and plots."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.llmroute.pipeline import evaluate_runs
+    from moekit.llmroute.plots import plot_cost_quality, plot_pgr
+
+    table, evals = evaluate_runs([str(r) for r in runs], baselines=baselines, part=part, cache_dir=_cache(cache))
+    two = len(table.models) == 2
+    t = Table(title=f"{len(table)} {part} queries, models {table.models}")
+    cols = ["router"] + (["APGR", "CPT(50%)", "CPT(80%)"] if two else []) + ["cost cut @95%", "AIQ", "max quality"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "router" else "right")
+    for ev in evals:
+        r = ev.row()
+        vals = [r["apgr"], r["cpt50"], r["cpt80"]] if two else []
+        vals += [r["cost_cut_at_target"], r["aiq"], r["max_quality"]]
+        t.add_row(ev.name, *(f"{v:.3f}" for v in vals))
+    Console().print(t)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps([ev.row() for ev in evals], indent=2))
+        paths = [plot_cost_quality(evals, table, out / "cost_quality.png")]
+        if two:
+            paths.append(plot_pgr(evals, out / "pgr.png"))
+        typer.echo("wrote " + ", ".join(str(p) for p in [out / "metrics.json", *paths]))
+
+
+@app.command()
+def audit(
+    run: RunArg,
+    mu: Annotated[float, typer.Option(help="trade-off (0 = best quality, 1 = lowest cost)")] = 0.5,
+    part: Annotated[str, typer.Option(help="test | val | all")] = "test",
+    cache: CacheOpt = None,
+) -> None:
+    """Share of each category's queries that the router sends to each model (robustness audit)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.llmroute.evaluate import audit as audit_router
+    from moekit.llmroute.pipeline import load_trained, prepare
+
+    trained = load_trained(run)
+    full, _, val_t, test_t = prepare(trained.config)
+    table = {"test": test_t, "val": val_t, "all": full}[part]
+    cats, shares = audit_router(trained.router, trained.embed(table.queries, _cache(cache)), table, mu)
+    t = Table(title=f"{run.name} at mu={mu}: share of each category sent to each model ({part})")
+    t.add_column("category")
+    t.add_column("queries", justify="right")
+    for m in table.models:
+        t.add_column(m.split("/")[-1], justify="right")
+    labels = table.categories
+    for c, row in zip(cats, shares, strict=True):
+        t.add_row(c, str(labels.count(c)), *(f"{v:.2f}" for v in row))
+    Console().print(t)
+
+
+@app.command(name="list")
+def list_cmd() -> None:
+    """List the registered routers."""
+    from moekit.llmroute.routers import get, list_routers
+
+    for name in list_routers():
+        doc = (get(name).__module__ and __import__(get(name).__module__, fromlist=["_"]).__doc__ or "").strip()
+        typer.echo(f"{name:10s} {doc.splitlines()[0] if doc else ''}")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", help="routes.yaml")],
+    host: Annotated[str | None, typer.Option(help="override server.host")] = None,
+    port: Annotated[int | None, typer.Option(help="override server.port")] = None,
+) -> None:
+    """Serve an OpenAI-compatible router (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    from moekit.llmroute.config import RoutesConfig
+    from moekit.llmroute.server import run_server
+
+    run_server(RoutesConfig.from_file(config), host=host, port=port)

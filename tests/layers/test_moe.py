@@ -1,0 +1,106 @@
+"""The MoE layer: composition, shared experts, capacity, batch independence, config round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moekit.layers import MLP, Experts, MoE
+from moekit.routing import build_router
+
+D, E, F = 16, 8, 24
+
+
+def layer(**kw) -> MoE:
+    return MoE(
+        router=build_router("topk", dim=D, num_experts=E, k=2),
+        experts=Experts(num_experts=E, dim=D, hidden=F),
+        **kw,
+    )
+
+
+def test_output_equals_router_plus_experts():
+    moe = layer()
+    x = torch.randn(2, 5, D)
+    y, r = moe(x)
+    assert y.shape == x.shape and r.expert_ids.shape == (10, 2)
+    flat = x.reshape(10, D)
+    torch.testing.assert_close(y.reshape(10, D), moe.experts(flat, moe.router(flat), backend="eager"))
+
+
+def test_shared_expert_with_sigmoid_gate_qwen2_style():
+    shared = MLP(dim=D, hidden=F)
+    moe = layer(shared_experts=shared, shared_gate=True)
+    x = torch.randn(7, D)
+    y, r = moe(x)
+    routed = moe.experts(x, r, backend="eager")
+    gate = torch.sigmoid(x @ moe.shared_expert_gate.weight.t())  # [T, 1]
+    torch.testing.assert_close(y, routed + gate * shared(x))
+    # without the gate, shared output is added as is
+    moe2 = layer(shared_experts=shared)
+    y2, r2 = moe2(x)
+    torch.testing.assert_close(y2, moe2.experts(x, r2, backend="eager") + shared(x))
+
+
+def test_dropless_layer_is_batch_independent():
+    moe = layer().eval()
+    x = torch.randn(32, D)
+    other = x.clone()
+    other[1:] = torch.randn(31, D) * 5
+    torch.testing.assert_close(moe(x)[0][0], moe(other)[0][0], atol=1e-6, rtol=1e-6)
+
+
+def test_capacity_layer_leaks_across_batch():
+    """Capacity routing is not batch independent (documented): batch-mates can push a token out."""
+    moe = layer(capacity_factor=0.5).eval()
+    x = torch.randn(1, D).repeat(16, 1)  # 16 copies of one token: all want the same 2 experts
+    y, r = moe(x)
+    assert int(r.dropped) > 0
+    assert not torch.allclose(y[0], y[-1])  # the first copies fit, the last ones were dropped
+
+
+def test_capacity_never_exceeded():
+    moe = layer(capacity_factor=1.0)
+    y, r = moe(torch.randn(50, D))
+    C = -(-50 * 2 // E)
+    assert int(r.tokens_per_expert().max()) <= C
+
+
+def test_gradients_flow_to_all_parts():
+    moe = layer(shared_experts=MLP(dim=D, hidden=F), shared_gate=True)
+    y, r = moe(torch.randn(3, 4, D))
+    (y.square().mean() + r.total_aux()).backward()
+    for n, p in moe.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+def test_config_round_trip_gives_identical_outputs():
+    moe = layer(shared_experts=MLP(dim=D, hidden=F), shared_gate=True, capacity_factor=2.0).eval()
+    cfg = json.loads(json.dumps(moe.config()))
+    clone = MoE.from_config(cfg).eval()
+    clone.load_state_dict(moe.state_dict())
+    x = torch.randn(9, D)
+    torch.testing.assert_close(clone(x)[0], moe(x)[0])
+
+
+def test_routing_stats():
+    moe = layer()
+    _, r = moe(torch.randn(10, D))
+    assert int(r.tokens_per_expert().sum()) == 20
+    s = r.stats()
+    assert s["active_per_token"] == 2.0 and s["dropped"] == 0.0 and s["max_over_mean_load"] >= 1.0
+
+
+def test_bad_construction_and_input():
+    with pytest.raises(ValueError, match="routes over 8 experts but experts has 4"):
+        MoE(router=build_router("topk", dim=D, num_experts=E), experts=Experts(num_experts=4, dim=D, hidden=F))
+    with pytest.raises(ValueError, match="shared_gate"):
+        layer(shared_gate=True)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        layer(capacity_factor=-1.0)
+    with pytest.raises(ValueError, match=r"\[T, D\] or \[B, L, D\]"):
+        layer()(torch.randn(2, 2, 2, D))
+    with pytest.raises(ValueError, match=r"\[T, 16\]"):
+        layer()(torch.randn(4, D + 2))

@@ -1,0 +1,103 @@
+"""One contract test over every registered router (DESIGN.md contract 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moekit.layers import Experts, MoE
+from moekit.routing import Routing, build_router, get_router, list_routers, router_config, router_from_config
+
+D, E, T, L = 16, 8, 24, 12  # width, experts, tokens (2 sequences of 12)
+
+
+def make(name: str) -> torch.nn.Module:
+    return build_router(name, dim=D, num_experts=E)
+
+
+def state_for(T: int) -> dict:
+    return {"token_ids": torch.arange(T) * 7 % 50, "seq_len": L}
+
+
+@pytest.fixture(params=list_routers())
+def name(request) -> str:
+    return request.param
+
+
+def test_registry_lists_core_routers():
+    assert {"topk"} <= set(list_routers())
+    with pytest.raises(KeyError, match="known routers: .*topk"):
+        get_router("no-such-router")
+
+
+def test_shapes_ranges_and_empty_slots(name):
+    router = make(name).train()
+    x = torch.randn(T, D)
+    r = router(x, state=state_for(T))
+    assert isinstance(r, Routing)
+    k = r.expert_ids.shape[1]
+    assert r.expert_ids.shape == (T, k) and r.weights.shape == (T, k) and k >= 1
+    assert r.expert_ids.dtype == torch.long
+    assert r.logits.shape[0] == T and r.logits.shape[1] >= E
+    assert r.num_experts == E
+    assert int(r.expert_ids.min()) >= -1 and int(r.expert_ids.max()) < E
+    empty = r.expert_ids < 0
+    assert torch.all(r.weights[empty] == 0), "empty slots must carry zero weight"
+    assert torch.isfinite(r.weights).all()
+    assert torch.all(r.weights >= 0)
+    for key, v in r.aux.items():
+        assert v.dim() == 0 and torch.isfinite(v), key
+    # a token never lists the same real expert twice
+    for row in r.expert_ids.tolist():
+        real = [e for e in row if e >= 0]
+        assert len(real) == len(set(real))
+
+
+def test_gradients_reach_router_parameters(name):
+    router = make(name).train()
+    params = [p for p in router.parameters() if p.requires_grad]
+    if not params:
+        pytest.skip(f"{name} has no trainable parameters")
+    moe = MoE(router=router, experts=Experts(num_experts=E, dim=D, hidden=32))
+    x = torch.randn(2, L, D)
+    y, r = moe(x, state={"token_ids": (torch.arange(2 * L) * 7 % 50).reshape(2, L)})
+    (y.square().mean() + r.total_aux()).backward()
+    grads = [p.grad for p in params]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0, "router parameters got zero gradient"
+
+
+def test_eval_mode_is_deterministic(name):
+    router = make(name).eval()
+    x = torch.randn(T, D)
+    a, b = router(x, state=state_for(T)), router(x, state=state_for(T))
+    assert torch.equal(a.expert_ids, b.expert_ids)
+    assert torch.equal(a.weights, b.weights)
+
+
+def test_config_round_trips_through_json(name):
+    router = make(name).eval()
+    cfg = json.loads(json.dumps(router_config(router)))
+    assert cfg["name"] == name and cfg["args"]["dim"] == D and cfg["args"]["num_experts"] == E
+    clone = router_from_config(cfg).eval()
+    assert router_config(clone) == cfg
+    clone.load_state_dict(router.state_dict())
+    x = torch.randn(T, D)
+    a, b = router(x, state=state_for(T)), clone(x, state=state_for(T))
+    assert torch.equal(a.expert_ids, b.expert_ids)
+    torch.testing.assert_close(a.weights, b.weights)
+
+
+def test_wrong_rank_or_width_is_a_clear_error(name):
+    router = make(name)
+    with pytest.raises(ValueError, match=r"\[T, 16\]"):
+        router(torch.randn(2, T, D), state=state_for(2 * T))
+    with pytest.raises(ValueError, match=r"\[T, 16\]"):
+        router(torch.randn(T, D + 1), state=state_for(T))
+
+
+def test_unknown_argument_lists_accepted_ones(name):
+    with pytest.raises(TypeError, match="accepts"):
+        build_router(name, dim=D, num_experts=E, no_such_arg=1)
