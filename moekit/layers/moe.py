@@ -48,6 +48,11 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: capacity_priority must be one of {list(PRIORITIES)}, got {capacity_priority!r}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"MoE: capacity_factor must be > 0 or None, got {capacity_factor!r}")
+        if capacity_factor is not None and getattr(router, "capacity_factor", None) is not None:
+            raise ValueError(
+                f"MoE: router {type(router).__name__} already limits capacity (capacity_factor="
+                f"{router.capacity_factor}); set capacity on the router or on the layer, not both"
+            )
         r_experts, e_experts = getattr(router, "num_experts", None), getattr(experts, "num_experts", None)
         if r_experts is not None and e_experts is not None and r_experts != e_experts:
             raise ValueError(f"MoE: router routes over {r_experts} experts but experts has {e_experts}")

@@ -12,6 +12,13 @@ from moekit.routing.routing import Routing
 
 # Built-in routers register themselves on import.
 from moekit.routing import topk  # noqa: E402,F401  isort: skip
+from moekit.routing import switch  # noqa: E402,F401  isort: skip
+from moekit.routing import expert_choice  # noqa: E402,F401  isort: skip
+from moekit.routing import deepseek  # noqa: E402,F401  isort: skip
+from moekit.routing import topp  # noqa: E402,F401  isort: skip
+from moekit.routing import null_experts  # noqa: E402,F401  isort: skip
+from moekit.routing import hash  # noqa: E402,F401  isort: skip
+from moekit.routing import random_router  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Routing",

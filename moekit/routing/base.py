@@ -37,7 +37,7 @@ def check_logits(logits: Tensor, who: str) -> None:
 
 def check_k(k: int, num_experts: int, who: str) -> None:
     """Raise unless 1 <= k <= num_experts."""
-    if not isinstance(k, int) or k < 1 or k > num_experts:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > num_experts:
         raise ValueError(f"{who}: k must be an integer in [1, num_experts={num_experts}], got {k!r}")
 
 
@@ -65,9 +65,9 @@ class Router(nn.Module):
     def __init__(self, *, dim: int, num_experts: int, gate_outputs: int | None = None) -> None:
         super().__init__()
         who = type(self).__name__
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"{who}: dim must be a positive integer, got {dim!r}")
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
             raise ValueError(f"{who}: num_experts must be a positive integer, got {num_experts!r}")
         self.dim = dim
         self.num_experts = num_experts
@@ -78,7 +78,7 @@ class Router(nn.Module):
     def gate_logits(self, x: Tensor) -> Tensor:
         """[T, D] -> [T, E] raw scores of the linear gate, checked for NaN/inf."""
         check_input(x, self.dim, type(self).__name__)
-        logits = torch.nn.functional.linear(x, self.weight)
+        logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)
         check_logits(logits, type(self).__name__)
         return logits
 

@@ -104,3 +104,17 @@ def test_bad_construction_and_input():
         layer()(torch.randn(2, 2, 2, D))
     with pytest.raises(ValueError, match=r"\[T, 16\]"):
         layer()(torch.randn(4, D + 2))
+
+
+def test_capacity_on_router_and_layer_is_refused():
+    with pytest.raises(ValueError, match="not both"):
+        MoE(
+            router=build_router("switch", dim=D, num_experts=E, capacity_factor=1.0),
+            experts=Experts(num_experts=E, dim=D, hidden=F),
+            capacity_factor=1.0,
+        )
+
+
+def test_bf16_input_with_fp32_router():
+    r = layer().router(torch.randn(6, D, dtype=torch.bfloat16))
+    assert r.expert_ids.shape == (6, 2) and torch.isfinite(r.weights.float()).all()

@@ -1,0 +1,172 @@
+"""DeepSeek routing: group-limited top-k with auxiliary-loss-free load balancing.
+
+Dai et al. 2024, "DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language
+Models" (fine-grained experts, softmax scores, expert-level balance loss); DeepSeek-AI 2024,
+"DeepSeek-V2" (device/group-limited routing, softmax scores, group score = the group's max score);
+DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (sigmoid scores s_i = sigmoid(u^T e_i), node-limited
+routing with a group's score = the sum of its top-2 scores, top-k of s_i + b_i for selection only,
+gate g_i = s_i / sum_{j in top-k} s_j times the routed scaling factor; auxiliary-loss-free balancing
+b_i += gamma * sign(mean load - load_i) after each step; a small sequence-wise balance loss, eq. 17-20).
+
+The computation equals Hugging Face transformers' `DeepseekV3TopkRouter` (logits in float32,
+masked groups at -inf, +1e-20 in the normaliser) on the same `weight [E, D]` and
+`e_score_correction_bias [E]`, the HF names, so the tensors can be shared.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.routing.base import Router, check_choice, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.losses import balance_losses
+from moekit.routing.registry import register_router
+from moekit.routing.routing import Routing
+
+SCORINGS = ("sigmoid", "softmax")
+GROUP_SCORES = ("top2_sum", "max")
+
+
+@register_router("deepseek")
+class DeepSeekRouter(Router):
+    """Group-limited top-k over sigmoid (V3) or softmax (V2) scores with a selection-only bias.
+
+    Args:
+        dim: model width D.
+        num_experts: E (routed experts; shared experts live in the MoE layer).
+        k: experts per token (V3: 8).
+        scoring: "sigmoid" (V3) or "softmax" (DeepSeekMoE, V2).
+        n_group: experts are split into n_group consecutive groups of E / n_group (V3: 8).
+        topk_group: a token may only use experts of its topk_group best groups (V3: 4).
+        group_score: a group's score: "top2_sum" (V3: sum of its two best bias-corrected scores) or
+            "max" (V2 `group_limited_greedy`: its best score).
+        norm_topk_prob: divide the k chosen scores by their sum (V3: True; V2: False).
+        routed_scaling_factor: multiplies the final weights (V3: 2.5).
+        bias_update_rate: gamma of the auxiliary-loss-free balancing (V3: 1e-3); 0 disables. In
+            training mode only, after routing, under no_grad: b_i += gamma * sign(mean_i load - load_i),
+            loads counted over this call's tokens. Under data parallelism the loads are per rank.
+        load_balance: coefficient of the Switch/DeepSeekMoE expert-level balance loss.
+        seq_balance: coefficient of the V3 sequence-wise balance loss (V3: 1e-4); needs the sequence
+            length (state["seq_len"], set by the MoE layer for [B, L, D] input).
+        z_loss: coefficient of the ST-MoE router z-loss.
+
+    The losses use probabilities p = s / sum_j s_j (identical to s for softmax scoring).
+    Buffer `e_score_correction_bias [E]` (float32 even when the module is cast to bf16, as in HF) is
+    saved in checkpoints; it shifts selection only, never the weights. `meta["scores"]` holds the
+    scores s [T, E] (float32).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        k: int = 2,
+        scoring: str = "sigmoid",
+        n_group: int = 1,
+        topk_group: int = 1,
+        group_score: str = "top2_sum",
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        bias_update_rate: float = 1e-3,
+        load_balance: float = 0.0,
+        seq_balance: float = 0.0,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        who = "DeepSeekRouter"
+        check_k(k, num_experts, who)
+        check_choice(scoring, SCORINGS, "scoring", who)
+        check_choice(group_score, GROUP_SCORES, "group_score", who)
+        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group:
+            raise ValueError(
+                f"{who}: n_group must be a positive integer dividing num_experts={num_experts}, "
+                f"got {n_group!r}"
+            )
+        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+            raise ValueError(
+                f"{who}: topk_group must be an integer in [1, n_group={n_group}], got {topk_group!r}"
+            )
+        if k > topk_group * (num_experts // n_group):
+            raise ValueError(
+                f"{who}: k={k} exceeds the experts of the kept groups, topk_group * num_experts / n_group "
+                f"= {topk_group * (num_experts // n_group)}"
+            )
+        if not routed_scaling_factor > 0:
+            raise ValueError(f"{who}: routed_scaling_factor must be > 0, got {routed_scaling_factor!r}")
+        for name, v in (("bias_update_rate", bias_update_rate), ("load_balance", load_balance),
+                        ("seq_balance", seq_balance), ("z_loss", z_loss)):
+            if v < 0:
+                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
+        self.k = k
+        self.scoring = scoring
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.group_score = group_score
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.bias_update_rate = bias_update_rate
+        self.load_balance = load_balance
+        self.seq_balance = seq_balance
+        self.z_loss = z_loss
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep the bias in float32 when the module is cast (as HF's _keep_in_fp32_modules_strict):
+        # updates of ~1e-3 vanish in bf16 once |b| grows past ~0.25. Moves to other devices still apply.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        device = self.e_score_correction_bias.device
+        self.e_score_correction_bias = bias.to(device=device, dtype=torch.float32)
+        return self
+
+    def select(self, scores: Tensor) -> Tensor:
+        """scores s [T, E] (float32) -> chosen expert ids [T, k] by group-limited top-k of s + b."""
+        T, E = scores.shape
+        G = self.n_group
+        choice = scores + self.e_score_correction_bias.float()  # [T, E], for selection only
+        if G > 1 and self.topk_group < G:
+            grouped = choice.view(T, G, E // G)  # [T, G, E/G]
+            if self.group_score == "top2_sum":
+                group = grouped.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # [T, G]
+            else:
+                group = grouped.amax(dim=-1)  # [T, G]
+            keep = torch.topk(group, self.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.zeros_like(group, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
+            expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        return torch.topk(choice, self.k, dim=-1).indices  # [T, k]
+
+    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+        """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E] (float32)."""
+        who = type(self).__name__
+        check_input(x, self.dim, who)
+        logits = torch.nn.functional.linear(x.float(), self.weight.float())  # [T, E], float32 as V3
+        check_logits(logits, who)
+        if self.scoring == "sigmoid":
+            scores = torch.sigmoid(logits)  # [T, E]
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        ids = self.select(scores)  # [T, k]
+        weights = scores.gather(1, ids)  # [T, k], original scores: the bias never enters
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        aux: dict[str, Tensor] = {}
+        if self.load_balance or self.seq_balance or self.z_loss:
+            probs = scores if self.scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+            aux = balance_losses(
+                probs, logits, ids,
+                load_balance=self.load_balance, seq_balance=self.seq_balance, z=self.z_loss,
+                seq_len=seq_len_of(state),
+            )
+        if self.training and self.bias_update_rate:
+            self.update_bias(ids)
+        return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux, meta={"scores": scores})
+
+    @torch.no_grad()
+    def update_bias(self, expert_ids: Tensor) -> None:
+        """b_i += bias_update_rate * sign(mean load - load_i), loads counted from expert_ids [T, k]."""
+        load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).float()  # [E]
+        delta = torch.sign(load.mean() - load) * self.bias_update_rate
+        self.e_score_correction_bias.add_(delta.to(self.e_score_correction_bias.dtype))
