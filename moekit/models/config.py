@@ -1,0 +1,134 @@
+"""The configuration of moekit's decoder-only LM: names and numbers only, so it round-trips JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.layers.activations import ACTIVATIONS
+from moekit.layers.dispatch import list_backends
+from moekit.routing.capacity import PRIORITIES
+
+
+@dataclass
+class LMConfig:
+    """A decoder-only transformer whose feed-forward blocks are dense or MoE layers."""
+
+    vocab_size: int = 4096  # tokens in the vocabulary
+    dim: int = 256  # model width D
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention; must divide n_heads)
+    max_seq_len: int = 256  # longest sequence (RoPE table and KV cache size)
+    ffn_hidden: int = 1024  # width of a dense feed-forward block
+    activation: str = "silu"  # feed-forward activation; gated (SwiGLU with "silu")
+    rope_theta: float = 10_000.0  # rotary base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the input embedding with the output head
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    # Mixture of experts: num_experts = 0 means every feed-forward block is dense.
+    num_experts: int = 0  # routed experts per MoE layer (E)
+    expert_hidden: int = 512  # width of one routed expert (F)
+    router: str = "topk"  # registered router name (moekit.routing.list_routers())
+    router_args: dict[str, Any] = field(default_factory=lambda: {"k": 2})  # router keyword arguments
+    num_shared_experts: int = 0  # always-on shared experts, fused into one MLP of width n * expert_hidden
+    shared_gate: bool = False  # Qwen2-MoE sigmoid gate on the shared expert's output
+    first_k_dense: int = 0  # the first k blocks keep a dense FFN (DeepSeek)
+    moe_every: int = 1  # an MoE FFN in every n-th block after first_k_dense (1 = all)
+    capacity_factor: float | None = None  # cap tokens per expert (None = dropless)
+    capacity_priority: str = "order"  # which slots win when an expert overflows: "order" | "weight"
+    dispatch: str = "auto"  # dispatch backend (moekit.layers.list_backends())
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LMConfig.{name} must be a positive integer, got {v!r}")
+
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "max_seq_len",
+            "ffn_hidden",
+            "expert_hidden",
+            "moe_every",
+        ):
+            positive(name)
+        if self.dim % self.n_heads:
+            raise ValueError(f"LMConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"LMConfig: head width dim/n_heads={self.dim // self.n_heads} must be even (RoPE)")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LMConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"LMConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"LMConfig.num_experts must be an integer >= 0, got {self.num_experts!r}")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"LMConfig.num_shared_experts must be >= 0, got {self.num_shared_experts!r}")
+        if self.shared_gate and not self.num_shared_experts:
+            raise ValueError("LMConfig.shared_gate=True needs num_shared_experts >= 1")
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            raise ValueError(
+                f"LMConfig.first_k_dense must be in [0, n_layers={self.n_layers}], got {self.first_k_dense}"
+            )
+        if self.dispatch not in list_backends():
+            raise ValueError(f"LMConfig.dispatch must be one of {list_backends()}, got {self.dispatch!r}")
+        if self.capacity_priority not in PRIORITIES:
+            raise ValueError(
+                f"LMConfig.capacity_priority must be one of {list(PRIORITIES)}, got {self.capacity_priority!r}"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"LMConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+        if not isinstance(self.router_args, dict):
+            raise ValueError(f"LMConfig.router_args must be a dict, got {type(self.router_args).__name__}")
+        if self.num_experts:
+            from moekit.routing import get_router
+
+            get_router(self.router)  # unknown names list the known ones
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.dim // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i has an MoE feed-forward."""
+        return self.num_experts > 0 and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
+        """Inverse of to_dict; unknown keys are an error that lists the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"LMConfig: unknown fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """Write config.json (atomically)."""
+        from moekit.utils.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LMConfig:
+        """Read config.json."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def replace(self, **changes: Any) -> LMConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,94 @@
+"""Checkpoints: safetensors weights + config.json + trainer state, written atomically.
+
+Layout of a run directory:
+    RUN/checkpoint/model.safetensors   weights (tied tensors stored once)
+    RUN/checkpoint/config.json         {"model": LMConfig, "train": TrainConfig, "data": {...}, "step": n}
+    RUN/checkpoint/trainer_state.pt    optimiser state, RNG states, step (tensors and numbers only;
+                                       loaded with torch.load(weights_only=True))
+The folder is written under a temporary name and renamed into place, so a crash leaves the previous
+checkpoint intact. Loading never executes code from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moekit.models import LMConfig, MoELM
+from moekit.utils.io import replace_dir
+
+CKPT = "checkpoint"
+
+
+def save_checkpoint(run_dir: str | Path, model: MoELM, meta: dict[str, Any], trainer_state: dict | None = None) -> Path:
+    """Write RUN/checkpoint atomically; `meta` goes to config.json beside the model config."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-"))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"model": model.config.to_dict(), **meta}, indent=2, sort_keys=True))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    final = run_dir / CKPT
+    replace_dir(tmp, final)
+    return final
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run directory or its checkpoint folder; fail clearly when neither holds a checkpoint."""
+    path = Path(path)
+    for cand in (path / CKPT, path):
+        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+            return cand
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(
+        f"no moekit checkpoint in {path} (expected {path / CKPT}/model.safetensors and config.json)"
+    )
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint."""
+    return json.loads((checkpoint_dir(path) / "config.json").read_text())
+
+
+def load_model(path: str | Path, *, map_location: str = "cpu") -> MoELM:
+    """Rebuild the model from config.json and load its weights; tensors must match the config exactly."""
+    ckpt = checkpoint_dir(path)
+    cfg = LMConfig.from_dict(read_meta(ckpt)["model"])
+    model = MoELM(cfg)
+    state = load_file(str(ckpt / "model.safetensors"), device=map_location)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            details.append(
+                "wrong shapes "
+                + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5])
+            )
+        raise ValueError(f"checkpoint {ckpt} does not match its config: " + "; ".join(details))
+    model.load_state_dict(state)
+    return model
+
+
+def load_trainer_state(path: str | Path) -> dict | None:
+    """Optimiser/RNG state of a checkpoint (None when absent). Tensors and plain data only."""
+    f = checkpoint_dir(path) / "trainer_state.pt"
+    return torch.load(f, weights_only=True) if f.is_file() else None

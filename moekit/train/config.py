@@ -1,0 +1,63 @@
+"""Training settings: a typed dataclass, checked at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, batch, evaluation and checkpoint cadence."""
+
+    steps: int = 200  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    eval_every: int = 50  # validate every n steps (and at the end)
+    eval_windows: int = 16  # validation windows per label
+    ckpt_every: int = 100  # checkpoint every n steps (and at the end, and on Ctrl-C)
+    log_every: int = 10  # write a train log line every n steps
+    seed: int = 0  # seeds model init, data order and router noise
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_windows",
+            "ckpt_every",
+            "log_every",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)

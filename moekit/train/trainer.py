@@ -1,0 +1,232 @@
+"""One readable training loop: AdamW, warmup + cosine, clipping, accumulation, MoE auxiliary losses,
+per-label validation, a rich progress bar, JSONL logs, atomic checkpoints, Ctrl-C and resume.
+
+Resuming is exact: the data order comes from a torch.Generator and the model's own randomness from
+torch's global RNG, both saved with the optimiser, so 10 + 10 resumed steps give the same weights as 20.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from moekit.models import LMConfig, MoELM
+from moekit.train.checkpoint import load_model, load_trainer_state, read_meta, save_checkpoint
+from moekit.train.config import TrainConfig
+from moekit.train.evaluate import EvalResult, evaluate
+from moekit.train.schedule import lr_at
+
+
+class TrainSource(Protocol):
+    """What the loop needs from training data."""
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs [B, L], targets [B, L], label ids [B])."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    run_dir: Path
+    step: int  # optimiser steps done
+    interrupted: bool  # stopped by Ctrl-C (a checkpoint was written)
+    final_eval: EvalResult | None  # validation at the last step
+    history: list[dict]  # the eval log lines: {"step", "loss", "loss_per_label", ...}
+    train_log: list[dict]  # the train log lines
+
+
+def make_optimizer(model: MoELM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def load_balance_stat(routings: list) -> float:
+    """Mean over MoE layers of the busiest expert's load over the mean load (1.0 = balanced)."""
+    vals = [r.stats()["max_over_mean_load"] for r in routings if r is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return [
+        f"{k}: checkpoint {a.get(k)!r} vs requested {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train(
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    train_data: TrainSource,
+    val_windows: dict[str, tuple[Tensor, Tensor]],
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train `model_cfg` with `train_cfg` into `run_dir`.
+
+    A run directory that already holds a checkpoint is refused unless `resume=True`; resuming
+    requires the same model config and the same train config except `steps` (which may grow).
+    `stop_after` ends this invocation after that many total steps (with a checkpoint) while the
+    schedule still spans `steps`: 10 steps with stop_after=10, then a resume to 20, equal 20 steps.
+    `on_step(step)` is called after every optimiser step (tests use it to simulate Ctrl-C).
+    """
+    run_dir = Path(run_dir)
+    has_ckpt = (run_dir / "checkpoint" / "model.safetensors").is_file()
+    if has_ckpt and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint; pass resume=True (--resume) or choose another directory"
+        )
+    if resume and not has_ckpt:
+        raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
+    train_log_path, eval_log_path = run_dir / "train.jsonl", run_dir / "eval.jsonl"
+
+    torch.manual_seed(train_cfg.seed)
+    data_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
+    start = 0
+    if resume:
+        old = read_meta(run_dir)
+        if old["model"] != model_cfg.to_dict():
+            raise ValueError(
+                "cannot resume: model config differs from the checkpoint's:\n  "
+                + "\n  ".join(_diff(old["model"], model_cfg.to_dict()))
+            )
+        old_train = {k: v for k, v in old["train"].items() if k != "steps"}
+        new_train = {k: v for k, v in train_cfg.to_dict().items() if k != "steps"}
+        if old_train != new_train:
+            raise ValueError(
+                "cannot resume: train config differs from the checkpoint's:\n  "
+                + "\n  ".join(_diff(old_train, new_train))
+            )
+        model = load_model(run_dir)
+        opt = make_optimizer(model, train_cfg)
+        st = load_trainer_state(run_dir)
+        if st is None:
+            raise FileNotFoundError(f"cannot resume: {run_dir}/checkpoint has no trainer_state.pt")
+        opt.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+        data_gen.set_state(st["data_rng"])
+        start = int(st["step"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for p in (train_log_path, eval_log_path):
+            if p.exists():
+                p.unlink()
+        model = MoELM(model_cfg)
+        opt = make_optimizer(model, train_cfg)
+    model.train()
+    meta = {"train": train_cfg.to_dict(), **(meta or {})}
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": data_gen.get_state(),
+            "step": step,
+        }
+        save_checkpoint(run_dir, model, {**meta, "step": step}, state)
+
+    history: list[dict] = []
+    train_log: list[dict] = []
+    final_eval: EvalResult | None = None
+
+    def run_eval(step: int) -> None:
+        nonlocal final_eval
+        final_eval = evaluate(model, val_windows, batch_size=train_cfg.batch_size)
+        row = {"step": step, "loss": final_eval.loss, "loss_per_label": final_eval.loss_per_label}
+        history.append(row)
+        _append_jsonl(eval_log_path, row)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    step = start
+    interrupted = False
+    snapshot = (torch.get_rng_state(), data_gen.get_state())
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
+    with bar:
+        task = bar.add_task("train", total=train_cfg.steps, completed=start, info="")
+        try:
+            end = min(train_cfg.steps, stop_after) if stop_after is not None else train_cfg.steps
+            while step < end:
+                t0 = time.perf_counter()
+                lr = lr_at(
+                    step,
+                    lr=train_cfg.lr,
+                    warmup=train_cfg.warmup_steps,
+                    total=train_cfg.steps,
+                    min_ratio=train_cfg.min_lr_ratio,
+                )
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss_sum, aux_sum, balance = 0.0, 0.0, float("nan")
+                for _ in range(train_cfg.grad_accum):
+                    x, y, _labels = train_data.sample_batch(train_cfg.batch_size, train_cfg.seq_len, data_gen)
+                    out = model(x, targets=y)
+                    loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+                    (loss / train_cfg.grad_accum).backward()
+                    loss_sum += float(out.loss.detach()) / train_cfg.grad_accum
+                    aux_sum += float(out.aux_loss.detach()) / train_cfg.grad_accum if out.aux_loss is not None else 0.0
+                    balance = load_balance_stat(out.routings)
+                if train_cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                snapshot = (torch.get_rng_state(), data_gen.get_state())  # where step+1 starts: restored on Ctrl-C
+                tps = tokens_per_step / (time.perf_counter() - t0)
+                bar.update(task, advance=1, info=f"loss {loss_sum:.3f}  tok/s {tps:,.0f}  load max/mean {balance:.2f}")
+                if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                    row = {
+                        "step": step,
+                        "loss": loss_sum,
+                        "aux": aux_sum,
+                        "lr": lr,
+                        "tokens_per_s": tps,
+                        "load_max_over_mean": balance,
+                    }
+                    train_log.append(row)
+                    _append_jsonl(train_log_path, row)
+                if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                    run_eval(step)
+                if step % train_cfg.ckpt_every == 0 or step in (train_cfg.steps, end):
+                    checkpoint(step)
+                if on_step is not None:
+                    on_step(step)
+        except KeyboardInterrupt:
+            # Drop the unfinished step (its gradients and random draws) so that resuming replays it exactly.
+            interrupted = True
+            opt.zero_grad(set_to_none=True)
+            torch.set_rng_state(snapshot[0])
+            data_gen.set_state(snapshot[1])
+            checkpoint(step)
+    return TrainResult(run_dir, step, interrupted, final_eval, history, train_log)
