@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/moekit demo
+	$(BIN)/moekit demo --threads 2
+	$(BIN)/moekit quickstart --threads 2
 
 test: install
 	$(BIN)/python -m pytest -q

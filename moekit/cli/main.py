@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import demo, route
+from moekit.cli import demo, evaluate, generate, inspect, quickstart, route, train
 
 app = typer.Typer(
     name="moekit",
@@ -13,6 +13,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command(name="demo", help=demo.__doc__)(demo.demo)
+app.command(name="quickstart")(quickstart.quickstart)
+app.command(name="train")(train.train)
+app.command(name="eval")(evaluate.eval_cmd)
+app.command(name="generate")(generate.generate)
+app.command(name="inspect")(inspect.inspect)
 app.add_typer(route.app, name="route")
 
 

@@ -1,0 +1,41 @@
+"""`moekit eval`: validation loss of a trained run, overall and per domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moekit.cli.options import ThreadsOpt, set_threads
+
+
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="run directory written by `moekit train`")],
+    windows: Annotated[int, typer.Option(help="validation windows per domain")] = 32,
+    seq_len: Annotated[int | None, typer.Option(help="window length (default: the run's training seq_len)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Evaluate RUN on the validation split of the data it was trained on."""
+    from moekit.data import DataConfig, prepare_data
+    from moekit.train import evaluate, load_model, read_meta
+    from moekit.train.run import val_windows
+
+    set_threads(threads)
+    try:
+        meta = read_meta(run)
+        model = load_model(run)
+        data = prepare_data(DataConfig(**meta["data"]), progress=False)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    L = seq_len or meta["train"]["seq_len"]
+    res = evaluate(model, val_windows(data, L, windows))
+    if as_json:
+        typer.echo(json.dumps({"step": meta.get("step"), "loss": res.loss, "loss_per_label": res.loss_per_label}))
+        return
+    typer.echo(f"{run} (step {meta.get('step')}): validation loss {res.loss:.4f}")
+    for label, loss in sorted(res.loss_per_label.items()):
+        typer.echo(f"  {label:12s} {loss:.4f}  ({res.tokens_per_label[label]} tokens)")

@@ -1,0 +1,59 @@
+"""`moekit inspect`: layers, experts, total and active parameters of a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="run directory (or its checkpoint folder)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Describe a checkpoint without loading its weights."""
+    from moekit.models import LMConfig, count_params
+    from moekit.train import read_meta
+
+    try:
+        meta = read_meta(path)
+        cfg = LMConfig.from_dict(meta["model"])
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    pc = count_params(cfg)
+    layers = ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layers)]
+    info = {
+        "path": str(path),
+        "step": meta.get("step"),
+        "layers": layers,
+        "num_experts": cfg.num_experts,
+        "router": cfg.router if cfg.num_experts else None,
+        "router_args": cfg.router_args if cfg.num_experts else None,
+        "shared_experts": cfg.num_shared_experts,
+        "expert_hidden": cfg.expert_hidden,
+        "dim": cfg.dim,
+        "vocab_size": cfg.vocab_size,
+        **pc.as_dict(),
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{path}  (step {info['step']})")
+    typer.echo(
+        f"  blocks: {cfg.n_layers} ({', '.join(layers)}), width {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads} kv"
+    )
+    if cfg.num_experts:
+        typer.echo(
+            f"  experts: {cfg.num_experts} x width {cfg.expert_hidden}, router {cfg.router} {cfg.router_args}, "
+            f"shared experts {cfg.num_shared_experts}"
+        )
+    else:
+        typer.echo(f"  dense FFN width {cfg.ffn_hidden}")
+    typer.echo(
+        f"  parameters: {pc.total:,} total, {pc.active:,} active per token "
+        f"(experts {pc.experts_total:,} total, {pc.experts_active:,} active)"
+    )
+    typer.echo(f"  forward FLOPs per token: {pc.flops_per_token:,}")

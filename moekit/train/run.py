@@ -1,0 +1,65 @@
+"""A training run end to end: prepare data, train, keep the tokenizer beside the checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from moekit.data import DataConfig, PreparedData, prepare_data
+from moekit.models import LMConfig
+from moekit.train.checkpoint import read_meta
+from moekit.train.config import TrainConfig
+from moekit.train.trainer import TrainResult, train
+
+
+def val_windows(data: PreparedData, seq_len: int, per_label: int) -> dict:
+    """label -> (inputs [N, L], targets [N, L]) from the validation split."""
+    wins = data.val.val_windows(seq_len, max_windows_per_label=per_label)
+    return {label: (w[:, :-1], w[:, 1:]) for label, w in wins.items()}
+
+
+def check_fits(model_cfg: LMConfig, train_cfg: TrainConfig, data: PreparedData) -> None:
+    """The model must cover the tokenizer's vocabulary and the training context."""
+    if model_cfg.vocab_size < data.vocab_size:
+        raise ValueError(
+            f"model vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
+            f"set vocab_size={data.vocab_size} (or a smaller data vocab_size)"
+        )
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"train seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+
+
+def run_training(
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Prepare (or load cached) data, then train into `run_dir` with the tokenizer saved beside it."""
+    data = prepare_data(data_cfg, progress=progress)
+    check_fits(model_cfg, train_cfg, data)
+    run_dir = Path(run_dir)
+    if resume and (run_dir / "checkpoint").exists():
+        old = read_meta(run_dir).get("data")
+        if old is not None and old != dataclasses.asdict(data_cfg):
+            raise ValueError("cannot resume: the data config differs from the checkpoint's")
+    result = train(
+        model_cfg,
+        train_cfg,
+        data.train,
+        val_windows(data, train_cfg.seq_len, train_cfg.eval_windows),
+        run_dir,
+        resume=resume,
+        stop_after=stop_after,
+        progress=progress,
+        meta={"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names)},
+    )
+    tok = data.directory / "tokenizer.json"
+    if tok.is_file() and not (run_dir / "tokenizer.json").exists():
+        shutil.copyfile(tok, run_dir / "tokenizer.json")
+    return result
