@@ -82,6 +82,7 @@ def runner(model: torch.nn.Module, x: torch.Tensor, backward: bool):
         return out[0] if is_moekit else out
 
     if not backward:
+
         def run():
             with torch.inference_mode():
                 fwd()
@@ -93,6 +94,7 @@ def runner(model: torch.nn.Module, x: torch.Tensor, backward: bool):
             xg.grad = None
             out = model(xg)
             (out[0] if is_moekit else out).backward(grad)
+
     return run
 
 
@@ -115,9 +117,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face blocks")
     ap.add_argument("--skip", default="moekit_eager", help="comma list of candidates to skip (slow references)")
-    ap.add_argument(
-        "--out", default=None, help="JSON path (default: benchmarks/results/bench_layer_DEVICE_DTYPE.json)"
-    )
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_layer_DEVICE_DTYPE.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,7 +136,11 @@ def main() -> None:
             hf = {n: v for n, v in ms.items() if n.startswith("hf_")}
             hf_best = min(hf.values()) if hf else None
             row = {
-                "shape": s, **shape, "T": T, "mode": mode, "ms": ms,
+                "shape": s,
+                **shape,
+                "T": T,
+                "mode": mode,
+                "ms": ms,
                 "ratio_to_dense": {n: v / ms["dense"] for n, v in ms.items()},
                 "hf_best": min(hf, key=hf.get) if hf else None,
                 "speedup_vs_hf_best": {n: hf_best / v for n, v in ms.items()} if hf else None,

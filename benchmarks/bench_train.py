@@ -1,0 +1,141 @@
+"""Training throughput: moekit's LM against the same shapes built as a Hugging Face transformers
+Qwen3-MoE model from config (its `grouped_mm` and `eager` experts implementations), same batch,
+AdamW steps, in one process.
+
+    python benchmarks/bench_train.py                 # tiny-moe shapes, CPU fp32, 2 threads
+    python benchmarks/bench_train.py --steps 12 --batch-size 16 --seq-len 128
+
+Both models compute a load-balancing auxiliary loss (HF: output_router_logits=True). Prints
+tokens/s and the ratio moekit / HF best; writes JSON and markdown to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+from moekit.models import MoELM  # noqa: E402
+from moekit.models.presets import preset  # noqa: E402
+
+
+def hf_qwen3_moe(cfg, impl: str):
+    """A Qwen3-MoE causal LM with the shapes of moekit's config (Qwen3 adds per-head q/k RMSNorm)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hc = Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        moe_intermediate_size=cfg.expert_hidden,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.router_args.get("k", 2),
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=cfg.tie_embeddings,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        rms_norm_eps=cfg.norm_eps,
+    )
+    hc._experts_implementation = impl
+    hc._attn_implementation = "sdpa"
+    return Qwen3MoeForCausalLM(hc)
+
+
+def step_fn(model, opt, x, y, is_moekit: bool):
+    def step():
+        if is_moekit:
+            out = model(x, targets=y)
+            loss = out.loss + out.aux_loss
+        else:
+            loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; includes the aux loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny-moe")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per model (interleaved)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/bench_train_cpu_float32.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = preset(args.preset, max_seq_len=args.seq_len)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
+    y = torch.roll(x, -1, dims=1)
+    models = {"moekit": MoELM(cfg)}
+    for impl in ("grouped_mm", "eager"):
+        models[f"hf_qwen3_moe_{impl}"] = hf_qwen3_moe(cfg, impl)
+    steps = {}
+    for name, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        steps[name] = step_fn(m, opt, x, y, name == "moekit")
+    for fn in steps.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {n: [] for n in steps}
+    for _ in range(args.steps):
+        for n, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t0)
+    tokens = args.batch_size * args.seq_len
+    tps = {n: tokens / statistics.median(ts) for n, ts in times.items()}
+    hf_best = max((n for n in tps if n.startswith("hf_")), key=tps.get)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    print(f"{'model':26s} {'params':>10s} {'tokens/s':>10s} {'vs HF best':>10s}")
+    for n, v in sorted(tps.items(), key=lambda kv: -kv[1]):
+        print(f"{n:26s} {params[n]:10,d} {v:10.0f} {v / tps[hf_best]:10.2f}")
+    env = environment()
+    payload = {
+        "benchmark": "bench_train",
+        "env": env,
+        "preset": args.preset,
+        "config": cfg.to_dict(),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "tokens_per_s": tps,
+        "params": params,
+        "hf_best": hf_best,
+        "moekit_over_hf_best": tps["moekit"] / tps[hf_best],
+    }
+    write_json(args.out, payload)
+    md = [
+        f"Command: `{env['command']}`  ",
+        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch "
+        f"{env['torch']}, transformers {env.get('transformers')}, threads {env['torch_threads']}; {env['date']}",
+        "",
+        "| model | params | tokens/s | vs HF best |",
+        "|---|---:|---:|---:|",
+    ]
+    md += [
+        f"| {n} | {params[n]:,} | {v:.0f} | {v / tps[hf_best]:.2f} |"
+        for n, v in sorted(tps.items(), key=lambda kv: -kv[1])
+    ]
+    Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"moekit / HF best ({hf_best}) = {tps['moekit'] / tps[hf_best]:.2f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
