@@ -22,15 +22,21 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _forward(x: Tensor, weight: Tensor, segs: list[tuple[int, int, int]]) -> Tensor:
+    """y[s:t] = x[s:t] @ W[e].T for each segment, written into one preallocated output."""
+    y = x.new_empty(x.shape[0], weight.shape[1])
+    for e, s, t in segs:
+        torch.mm(x[s:t], weight[e].t(), out=y[s:t])
+    return y
+
+
 class GroupedLinearFn(torch.autograd.Function):
     """y[s:e] = x[s:e] @ W[expert].T for each expert's contiguous segment of rows."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:  # type: ignore[override]
         segs = _segments(counts)
-        y = x.new_empty(x.shape[0], weight.shape[1])
-        for e, s, t in segs:
-            torch.mm(x[s:t], weight[e].t(), out=y[s:t])
+        y = _forward(x, weight, segs)
         ctx.segs = segs
         ctx.num_experts = weight.shape[0]
         ctx.save_for_backward(x, weight)
@@ -62,4 +68,6 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
     """x: [N, I] rows sorted by expert, weight: [E, O, I], counts: rows per expert -> [N, O]."""
     if sum(counts) != x.shape[0]:
         raise ValueError(f"grouped_linear: counts sum to {sum(counts)} but x has {x.shape[0]} rows")
-    return GroupedLinearFn.apply(x, weight, counts)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return GroupedLinearFn.apply(x, weight, counts)
+    return _forward(x, weight, _segments(counts))  # inference: no autograd node

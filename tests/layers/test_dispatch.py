@@ -115,3 +115,14 @@ def test_experts_shape_errors():
         experts(torch.randn(5, 8), r)
     with pytest.raises(ValueError, match="hidden"):
         Experts(num_experts=4, dim=8, hidden=0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_inference_path_equals_eager(backend):
+    experts = Experts(num_experts=6, dim=12, hidden=20)
+    x = torch.randn(30, 12)
+    routing = random_routing(30, 6, 2, empty_frac=0.1)
+    with torch.inference_mode():
+        got = experts(x, routing, backend=backend)
+        ref = experts(x, routing, backend="eager")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
