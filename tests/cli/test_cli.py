@@ -120,3 +120,23 @@ def test_demo_prints_router_table():
     out = invoke("demo", "--tokens", "64", "--dim", "16", "--hidden", "16").output
     for name in ("topk", "switch", "expert_choice", "deepseek", "topp", "null_experts", "hash", "random"):
         assert name in out
+
+
+def test_analyze_writes_report_and_refuses_to_overwrite(tmp_path):
+    run = tmp_path / "run"
+    assert (
+        invoke("train", "--preset", "micro-moe", "--out", str(run), "--steps", "2", "--seq-len", "16", *SMALL).exit_code
+        == 0
+    )
+    out = tmp_path / "analysis"
+    r = invoke("analyze", str(run), "--out", str(out), "--windows", "3", "--no-progress")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["specialization"]["labels"]) == {"bible", "code", "wiki"}
+    assert metrics["super_experts"]["available"] is True
+    html = (out / "report.html").read_text()
+    assert "Specialisation" in html and "data:image/png;base64" in html
+    r = invoke("analyze", str(run), "--out", str(out), "--no-progress")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = invoke("analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--no-progress")
+    assert r.exit_code == 2 and "does not exist" in r.output

@@ -1,0 +1,103 @@
+"""Reading traces back: a DuckDB view over the Parquet file for SQL, and numpy arrays per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moekit.analyze.deps import require
+
+
+@dataclass
+class LayerRouting:
+    """One layer's decisions as dense arrays, tokens in (seq, pos) order."""
+
+    experts: np.ndarray  # [N, k] int; -1 = empty slot
+    weights: np.ndarray  # [N, k] float
+    seq: np.ndarray  # [N] sequence index
+    token: np.ndarray  # [N] token id
+
+
+class Trace:
+    """A routing trace on disk. `sql(query)` runs DuckDB SQL over the view `trace`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no trace at {self.path}")
+        duckdb = require("duckdb")
+        self.con = duckdb.connect()
+        self.con.execute(f"CREATE VIEW trace AS SELECT * FROM read_parquet('{self.path.as_posix()}')")
+        cols = [r[0] for r in self.con.execute("DESCRIBE trace").fetchall()]
+        self.columns = cols
+        self.label_columns = [c for c in cols if c not in _BASE]
+        self.layers = [
+            int(r[0]) for r in self.con.execute("SELECT DISTINCT layer FROM trace ORDER BY layer").fetchall()
+        ]
+        mx = self.con.execute("SELECT max(expert), max(slot) FROM trace").fetchone()
+        self.num_experts = int(mx[0]) + 1 if mx[0] is not None else 0
+        self.k = int(mx[1]) + 1 if mx[1] is not None else 0
+        self._layers: dict[int, LayerRouting] = {}  # per-layer arrays, read once (several metrics use them)
+
+    def sql(self, query: str, params: list | None = None):
+        """Run DuckDB SQL over the view `trace` (with `?` parameters); call .fetchall()/.fetchnumpy() on it."""
+        return self.con.execute(query, params or [])
+
+    def layer(self, layer: int) -> LayerRouting:
+        """[N, k] experts and weights of one layer, rows ordered by (seq, pos) (cached)."""
+        if layer not in self._layers:
+            self._layers[layer] = self._read_layer(layer)
+        return self._layers[layer]
+
+    def _read_layer(self, layer: int) -> LayerRouting:
+        res = self.con.execute(
+            "SELECT seq, token, expert, weight FROM trace WHERE layer = ? ORDER BY seq, pos, slot", [layer]
+        ).fetchnumpy()
+        k = self.k
+        n = len(res["seq"]) // k
+        return LayerRouting(
+            experts=np.asarray(res["expert"], dtype=np.int32).reshape(n, k),
+            weights=np.asarray(res["weight"], dtype=np.float32).reshape(n, k),
+            seq=np.asarray(res["seq"])[::k],
+            token=np.asarray(res["token"])[::k],
+        )
+
+
+_BASE = {"layer", "seq", "pos", "token", "slot", "expert", "weight", "p_top1", "entropy", "out_absmax"}
+
+
+def write_trace(rows: dict[str, np.ndarray | list], path: str | Path) -> Path:
+    """Write a hand-built trace (tests, imports from other tools). Missing optional columns are filled."""
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
+    n = len(rows["expert"])
+    defaults = {
+        "weight": np.ones(n, np.float32),
+        "p_top1": np.full(n, np.nan, np.float32),
+        "entropy": np.full(n, np.nan, np.float32),
+        "out_absmax": np.full(n, np.nan, np.float32),
+        "token": np.zeros(n, np.int32),
+    }
+    cols = {**defaults, **rows}
+    types = {
+        "layer": pa.int16(),
+        "seq": pa.int32(),
+        "pos": pa.int32(),
+        "token": pa.int32(),
+        "slot": pa.int8(),
+        "expert": pa.int16(),
+        "weight": pa.float32(),
+        "p_top1": pa.float32(),
+        "entropy": pa.float32(),
+        "out_absmax": pa.float32(),
+    }
+    table = pa.table(
+        {
+            c: pa.array(np.asarray(v), types.get(c)) if c in types else pa.array([str(x) for x in v])
+            for c, v in cols.items()
+        }
+    )
+    pq.write_table(table, str(path))
+    return Path(path)

@@ -1,0 +1,242 @@
+"""Routing traces: every MoE layer's decisions for every token, recorded by forward hooks and
+streamed to Parquet in chunks (DESIGN.md contract 6).
+
+One row per token-slot: layer, seq, pos, token, slot, expert (-1 = empty slot), weight, the router's
+top-1 probability and entropy (softmax of its logits), optionally the largest |output| of the expert
+on that token (`out_absmax`, for super experts), and label columns (e.g. `label` = domain).
+Hooks work on anything built from moekit's `MoE` layer: moekit's LM and patched Hugging Face models.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from moekit.analyze.deps import require
+from moekit.layers.dispatch import _expert_mlp, _first_matrix, plan
+from moekit.layers.grouped_linear import grouped_linear
+from moekit.layers.moe import MoE
+from moekit.routing.routing import Routing
+
+COLUMNS = ("layer", "seq", "pos", "token", "slot", "expert", "weight", "p_top1", "entropy", "out_absmax")
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:
+    """(layer index, module name, module) of every moekit MoE layer, in model order. The index is the
+    number after `layers.` in the name (the transformer block), else the ordinal."""
+    out = []
+    for i, (name, mod) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
+        m = re.search(r"layers?\.(\d+)", name)
+        out.append((int(m.group(1)) if m else i, name, mod))
+    return out
+
+
+def expert_output_absmax(experts: nn.Module, x: Tensor, routing: Routing) -> Tensor:
+    """[T, k]: max |expert_e(x_t)| over the model width for each filled slot (NaN where empty).
+    Recomputes the experts' outputs slot by slot (the `loop` path), without mixing weights."""
+    T, k = routing.expert_ids.shape
+    p = plan(routing.expert_ids, experts.num_experts)
+    xs = x.index_select(0, p.token)
+    h = grouped_linear(xs, _first_matrix(experts), p.counts)
+    ys = grouped_linear(_expert_mlp(h, experts), experts.down_proj, p.counts)  # [N, D]
+    out = torch.full((T * k,), float("nan"), dtype=torch.float32, device=x.device)
+    out[p.order] = ys.abs().amax(dim=-1).float()
+    return out.view(T, k)
+
+
+@dataclass
+class _Batch:
+    ids: Tensor  # [B, L]
+    seq0: int  # global index of the batch's first sequence
+    labels: dict[str, list[str]]  # column -> one label per sequence
+
+
+@dataclass
+class RoutingRecorder:
+    """Collects rows from hooks; `flush` hands them to the writer."""
+
+    record_outputs: bool = False
+    rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    batch: _Batch | None = None
+
+    def hook(self, layer: int):
+        def fn(module: MoE, args, output) -> None:
+            if self.batch is None:
+                return
+            routing: Routing = output[1]
+            ids = self.batch.ids
+            B, L = ids.shape
+            T, k = routing.expert_ids.shape
+            if T != B * L:
+                raise RuntimeError(f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L}")
+            logits = routing.logits.float()
+            probs = torch.softmax(logits, dim=-1)
+            p_top1 = probs.amax(dim=-1)  # [T]
+            ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
+            if self.record_outputs:
+                x = args[0].reshape(T, -1)
+                absmax = expert_output_absmax(module.experts, x, routing).reshape(-1).cpu().numpy()
+            else:
+                absmax = np.full(T * k, np.nan, dtype=np.float32)
+            t = np.arange(T)
+            row = {
+                "layer": np.full(T * k, layer, dtype=np.int16),
+                "seq": np.repeat(self.batch.seq0 + t // L, k).astype(np.int32),
+                "pos": np.repeat(t % L, k).astype(np.int32),
+                "token": np.repeat(ids.reshape(-1).cpu().numpy(), k).astype(np.int32),
+                "slot": np.tile(np.arange(k, dtype=np.int8), T),
+                "expert": routing.expert_ids.reshape(-1).cpu().numpy().astype(np.int16),
+                "weight": routing.weights.detach().float().reshape(-1).cpu().numpy(),
+                "p_top1": np.repeat(p_top1.cpu().numpy(), k),
+                "entropy": np.repeat(ent.cpu().numpy(), k),
+                "out_absmax": absmax.astype(np.float32),
+            }
+            for col, vals in self.batch.labels.items():
+                row[col] = np.repeat(np.asarray(vals, dtype=object), L * k)
+            self.rows.append(row)
+
+        return fn
+
+
+@contextmanager
+def recording(model: nn.Module, record_outputs: bool = False) -> Iterator[RoutingRecorder]:
+    """Attach hooks to every MoE layer of `model`; removed on exit."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no moekit MoE layers to trace (patch a Hugging Face model first)")
+    rec = RoutingRecorder(record_outputs=record_outputs)
+    handles = [mod.register_forward_hook(rec.hook(idx)) for idx, _, mod in layers]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class TraceWriter:
+    """Appends row chunks to one Parquet file (written to a temporary name, renamed on close)."""
+
+    def __init__(self, path: str | Path, label_columns: list[str], chunk_rows: int = 1_000_000) -> None:
+        pa = require("pyarrow")
+        self.pq = require("pyarrow.parquet")
+        self.pa = pa
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fields = [
+            pa.field("layer", pa.int16()),
+            pa.field("seq", pa.int32()),
+            pa.field("pos", pa.int32()),
+            pa.field("token", pa.int32()),
+            pa.field("slot", pa.int8()),
+            pa.field("expert", pa.int16()),
+            pa.field("weight", pa.float32()),
+            pa.field("p_top1", pa.float32()),
+            pa.field("entropy", pa.float32()),
+            pa.field("out_absmax", pa.float32()),
+        ] + [pa.field(c, pa.dictionary(pa.int32(), pa.string())) for c in label_columns]
+        self.schema = pa.schema(fields)
+        self.writer = self.pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
+        self.chunk_rows = chunk_rows
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, rows: list[dict[str, np.ndarray]]) -> None:
+        for r in rows:
+            self.pending.append(r)
+            self.pending_rows += len(r["layer"])
+        if self.pending_rows >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        cols = {}
+        for f in self.schema:
+            arr = np.concatenate([r[f.name] for r in self.pending])
+            cols[f.name] = (
+                self.pa.array(arr.astype(str), self.pa.string()).dictionary_encode()
+                if self.pa.types.is_dictionary(f.type)
+                else self.pa.array(arr, f.type)
+            )
+        self.writer.write_table(self.pa.table(cols, schema=self.schema))
+        self.rows += self.pending_rows
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> Path:
+        self.flush()
+        self.writer.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TraceInfo:
+    """What a capture wrote."""
+
+    path: Path
+    rows: int
+    sequences: int
+    tokens: int
+    layers: list[int]
+
+
+@torch.inference_mode()
+def capture(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, dict[str, list[str]]]],
+    path: str | Path,
+    *,
+    label_columns: list[str] = ("label",),
+    record_outputs: bool = False,
+    chunk_rows: int = 1_000_000,
+    progress: bool = True,
+    total: int | None = None,
+    forward=None,
+) -> TraceInfo:
+    """Run `model` over `batches` of (ids [B, L], {label column: [B labels]}) and write the trace.
+
+    `forward(model, ids)` runs one batch (default: `model(ids)`, which suits moekit's LM and Hugging
+    Face causal LMs). A failure removes the partial file.
+    """
+    from rich.progress import Progress
+
+    forward = forward or (lambda m, ids: m(ids))
+    was_training = model.training
+    model.eval()
+    writer = TraceWriter(path, list(label_columns), chunk_rows)
+    seqs = tokens = 0
+    try:
+        with recording(model, record_outputs) as rec, Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("tracing", total=total)
+            for ids, labels in batches:
+                missing = [c for c in label_columns if c not in labels]
+                if missing:
+                    raise ValueError(f"trace: batch lacks label columns {missing}")
+                rec.batch = _Batch(ids, seqs, {c: list(labels[c]) for c in label_columns})
+                forward(model, ids)
+                writer.add(rec.rows)
+                rec.rows = []
+                seqs += ids.shape[0]
+                tokens += ids.numel()
+                bar.advance(task, ids.shape[0])
+            layers = [i for i, _, _ in moe_layers(model)]
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        model.train(was_training)
+    return TraceInfo(Path(path), writer.rows, seqs, tokens, layers)

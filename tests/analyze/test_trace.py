@@ -1,0 +1,92 @@
+"""Trace capture on a moekit LM: rows match the model's own routing; Parquet round trip; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moekit.analyze.metrics.specialization import preferred_tokens
+from moekit.analyze.table import Trace
+from moekit.analyze.trace import capture, expert_output_absmax
+from moekit.models import LMConfig, MoELM
+
+CFG = LMConfig(
+    vocab_size=50,
+    dim=16,
+    n_layers=3,
+    n_heads=2,
+    n_kv_heads=1,
+    max_seq_len=16,
+    ffn_hidden=32,
+    num_experts=4,
+    expert_hidden=8,
+    router_args={"k": 2},
+    first_k_dense=1,
+)
+
+
+def batches(n=3, B=2, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        yield torch.randint(0, 50, (B, L), generator=g), {"label": ["even" if i % 2 == 0 else "odd"] * B}
+
+
+def test_trace_matches_model_routing(tmp_path):
+    torch.manual_seed(0)
+    model = MoELM(CFG).eval()
+    info = capture(model, batches(), tmp_path / "t.parquet", progress=False, record_outputs=True, chunk_rows=50)
+    assert info.layers == [1, 2] and info.sequences == 6 and info.tokens == 48
+    assert info.rows == 2 * 48 * 2  # layers x tokens x k
+    tr = Trace(info.path)
+    assert tr.layers == [1, 2] and tr.k == 2 and tr.label_columns == ["label"]
+    ids = torch.cat([b[0] for b in batches()])
+    with torch.no_grad():
+        out = model(ids)
+    for layer in (1, 2):
+        r = tr.layer(layer)
+        routing = out.routings[layer]
+        np.testing.assert_array_equal(r.experts, routing.expert_ids.numpy())
+        np.testing.assert_allclose(r.weights, routing.weights.numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(r.token, ids.reshape(-1).numpy())
+    labels = tr.sql("SELECT label, count(*) FROM trace GROUP BY 1 ORDER BY 1").fetchall()
+    assert labels == [("even", 128), ("odd", 64)]
+    absmax = tr.sql("SELECT min(out_absmax) FROM trace").fetchone()[0]
+    assert absmax > 0
+    prefs = preferred_tokens(tr, top=2, min_count=1)
+    assert set(prefs) == {1, 2} and all(len(v) <= 2 for v in prefs[1].values())
+
+
+def test_expert_output_absmax_matches_eager():
+    torch.manual_seed(0)
+    model = MoELM(CFG).eval()
+    moe = model.layers[1].mlp
+    x = torch.randn(5, 16)
+    r = moe.router(x)
+    got = expert_output_absmax(moe.experts, x, r)
+    ex = moe.experts
+    torch.set_grad_enabled(False)
+    for t in range(5):
+        for s in range(2):
+            e = int(r.expert_ids[t, s])
+            g, u = (ex.gate_up_proj[e] @ x[t]).split(8)
+            y = ex.down_proj[e] @ (torch.nn.functional.silu(g) * u)
+            assert float(got[t, s]) == pytest.approx(float(y.abs().max()), rel=1e-5)
+    torch.set_grad_enabled(True)
+
+
+def test_failed_capture_leaves_no_file(tmp_path):
+    model = MoELM(CFG)
+
+    def bad():
+        yield torch.randint(0, 50, (1, 4)), {"label": ["x"]}
+        yield torch.randint(0, 50, (1, 4)), {}  # no label column
+
+    with pytest.raises(ValueError, match="label columns"):
+        capture(model, bad(), tmp_path / "t.parquet", progress=False)
+    assert not list(tmp_path.iterdir())
+    dense = MoELM(LMConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8, ffn_hidden=8))
+    with pytest.raises(ValueError, match="no moekit MoE layers"):
+        capture(dense, batches(), tmp_path / "d.parquet", progress=False)
+    with pytest.raises(FileNotFoundError):
+        Trace(tmp_path / "missing.parquet")
