@@ -20,7 +20,8 @@ class Routing:
         logits: Tensor [T, E']; the router's raw scores (E' = E, or E + N with N null experts).
         num_experts: E, the number of real experts the ids index.
         aux: auxiliary losses already scaled by their coefficients (`load_balance`, `z_loss`, ...).
-        dropped: LongTensor scalar; token-slots the router wanted but could not place (capacity).
+        dropped: LongTensor scalar; what the router wanted but could not place: token-slots over
+            capacity (switch, capacity-limited layers), or tokens no expert chose (expert_choice).
         meta: router-specific tensors (e.g. `null_weight` for null experts).
         state: what the next layer's router needs from this one (recurrent routers), or None.
     """
@@ -70,7 +71,8 @@ class Routing:
         return (self.expert_ids >= 0).sum(dim=1)
 
     def stats(self) -> dict[str, float]:
-        """Summary numbers: mean active experts per token, max/mean load, dropped token-slots."""
+        """Summary numbers: mean active experts per token, max/mean load, `dropped` as reported by
+        the router (and its share of the T*k slots), and tokens left with no expert at all."""
         load = self.tokens_per_expert().float()
         mean = load.mean().clamp_min(1e-9)
         dropped = int(self.dropped) if self.dropped is not None else 0
@@ -80,4 +82,5 @@ class Routing:
             "max_over_mean_load": float(load.max() / mean) if self.num_experts else 0.0,
             "dropped": float(dropped),
             "dropped_frac": dropped / slots if slots else 0.0,
+            "tokens_without_expert": float((self.active_per_token() == 0).sum()),
         }

@@ -91,6 +91,9 @@ def test_routing_stats():
     assert int(r.tokens_per_expert().sum()) == 20
     s = r.stats()
     assert s["active_per_token"] == 2.0 and s["dropped"] == 0.0 and s["max_over_mean_load"] >= 1.0
+    assert s["tokens_without_expert"] == 0.0
+    _, r = layer(capacity_factor=0.1)(torch.randn(1, D).repeat(40, 1))  # identical tokens overflow their experts
+    assert r.stats()["tokens_without_expert"] == 40 - 1  # C = ceil(0.1 * 40 * 2 / 8) = 1 slot per expert
 
 
 def test_bad_construction_and_input():
