@@ -1,4 +1,5 @@
-"""`moekit inspect`: layers, experts, total and active parameters of a run directory."""
+"""`moekit inspect`: layers, experts, total and active parameters of a moekit run directory or of a
+Hugging Face checkpoint directory (read without loading the weights)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import typer
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="run directory (or its checkpoint folder)")],
+    path: Annotated[
+        Path, typer.Argument(help="run directory (or its checkpoint folder), or a Hugging Face checkpoint")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Describe a checkpoint without loading its weights."""
+    from moekit.hf.inspect import is_hf_dir
+
+    if is_hf_dir(path):
+        _inspect_hf(path, as_json)
+        return
     from moekit.models import LMConfig, count_params
     from moekit.train import read_meta
 
@@ -57,3 +65,30 @@ def inspect(
         f"(experts {pc.experts_total:,} total, {pc.experts_active:,} active)"
     )
     typer.echo(f"  forward FLOPs per token: {pc.flops_per_token:,}")
+
+
+def _inspect_hf(path: Path, as_json: bool) -> None:
+    from moekit.hf.inspect import describe
+
+    try:
+        info = describe(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    fam = f"moekit.hf family {info['family']}" if info["family"] else "not patchable by moekit.hf"
+    typer.echo(f"{path}  (Hugging Face {info['model_type']}, {fam})")
+    layers = info["layers"]
+    n_moe, n_dense = layers.count("moe"), layers.count("dense")
+    typer.echo(f"  blocks: {len(layers)} ({n_moe} moe, {n_dense} dense), width {info['dim']}")
+    if info["num_experts"]:
+        bpe = info["bytes_per_expert"]
+        bpe_s = f"{bpe:,} bytes per expert" if isinstance(bpe, int) else f"bytes per expert by layer {bpe}"
+        typer.echo(f"  experts: {info['num_experts']} per layer, top-{info['top_k']}, {bpe_s}")
+    typer.echo(
+        f"  parameters: {info['total']:,} total, {info['active']:,} active per token "
+        f"(experts {info['experts_total']:,} total, {info['experts_active']:,} active)"
+    )
+    typer.echo(f"  weights: {info['bytes_total']:,} bytes in {info['tensors']} tensors ({', '.join(info['dtypes'])})")

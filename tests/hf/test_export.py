@@ -1,0 +1,108 @@
+"""`moekit export RUN --to hf --family F`: transformers loads the result with identical logits, or
+the export fails with the reasons. Also the LM's `qk_norm` option the OLMoE/Qwen3 targets need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moekit.cli.main import app
+from moekit.hf.export import ExportError, export_lm, hf_config_for
+from moekit.models import LMConfig, MoELM
+from moekit.train import save_checkpoint
+
+BASE = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, num_experts=8,
+            expert_hidden=16, ffn_hidden=48)
+TARGETS = {
+    "mixtral": dict(router_args={"k": 2}),
+    "olmoe": dict(qk_norm="full", router_args={"k": 2, "normalize": False}),
+    "qwen3_moe": dict(qk_norm="head", first_k_dense=1, tie_embeddings=False, router_args={"k": 3}),
+    "glm4_moe": dict(router="deepseek", num_shared_experts=1, first_k_dense=1,
+                     router_args={"k": 2, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}),
+}
+
+
+def lm(**overrides) -> MoELM:
+    """A tiny moekit LM with spread router weights and non-trivial norm weights."""
+    torch.manual_seed(0)
+    model = MoELM(LMConfig(**{**BASE, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.normal_(std=0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", sorted(TARGETS))
+def test_cli_export_loads_in_transformers_with_identical_logits(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = lm(**TARGETS[family])
+    save_checkpoint(tmp_path / "run", model, {"step": 0})
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--to", "hf", "--family", family,
+                                 "--out", str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
+    assert hf.config.model_type == family
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
+    prompt = ids()[:, :4]
+    want = model.generate(prompt, 6)
+    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_deepseek_v3_export_fails_with_the_reason(tmp_path):
+    model = lm(router="deepseek", router_args={"k": 2, "n_group": 2, "topk_group": 1})
+    with pytest.raises(ExportError, match="multi-head latent attention"):
+        export_lm(model, "deepseek_v3", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_checkpoint(tmp_path / "run", model, {"step": 0})
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--family", "deepseek_v3"])
+    assert r.exit_code == 2 and "multi-head latent attention" in r.output
+
+
+def test_inexpressible_models_list_every_reason():
+    cfg = LMConfig(**BASE, router="topp", capacity_factor=1.0)
+    with pytest.raises(ExportError, match="router 'topp'.*capacity_factor"):
+        hf_config_for(cfg, "mixtral")
+    with pytest.raises(ExportError, match="qk_norm='head'.*qk_norm='none'"):
+        hf_config_for(LMConfig(**BASE), "qwen3_moe")
+    with pytest.raises(ExportError, match="normalize=True"):
+        hf_config_for(LMConfig(**BASE, router_args={"k": 2, "normalize": False}), "mixtral")
+    with pytest.raises(ExportError, match="dense blocks \\[0\\]"):
+        hf_config_for(LMConfig(**BASE, qk_norm="full", first_k_dense=1), "olmoe")
+    with pytest.raises(ExportError, match="first k blocks dense; the model has dense blocks \\[0, 2\\]"):
+        hf_config_for(LMConfig(**{**BASE, "n_layers": 4}, router="deepseek", first_k_dense=1, moe_every=2), "glm4_moe")
+    with pytest.raises(ExportError, match="known: deepseek_v3, glm4_moe, mixtral, olmoe, qwen3_moe"):
+        hf_config_for(LMConfig(**BASE), "gpt2")
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_lm_qk_norm_option(qk_norm):
+    model = lm(qk_norm=qk_norm)
+    attn = model.layers[0].self_attn
+    hd = model.config.head_dim
+    assert attn.q_norm.weight.shape == ((hd,) if qk_norm == "head" else (4 * hd,))
+    assert attn.k_norm.weight.shape == ((hd,) if qk_norm == "head" else (2 * hd,))
+    x = ids()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(2)
+        steps = [model(x[:, :5], cache=cache).logits]
+        steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    plain = lm()
+    assert not hasattr(plain.layers[0].self_attn, "q_norm")  # default "none": unchanged model
+    with pytest.raises(ValueError, match="qk_norm must be one of"):
+        LMConfig(**BASE, qk_norm="layer")

@@ -1,0 +1,109 @@
+"""Tiny transformers MoE models for the tests, built from configs (offline, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(
+    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str):
+    """A 2-layer config of `family` with 8 experts of width 16, top-2 (DeepSeek, GLM-4.5, dots.llm1:
+    the first layer dense; MiniMax, Qwen3-Next, Jamba: one linear-attention/Mamba layer)."""
+    import transformers as tf
+
+    if family == "mixtral":
+        return tf.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                                 shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                                 num_experts_per_tok=2, head_dim=8, norm_topk_prob=True)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4},  # MLA: one key/value head per query head
+            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+            kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )
+    if family == "deepseek_v2":
+        return tf.DeepseekV2Config(
+            **{**COMMON, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+            first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.0,
+            kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )
+    if family == "minimax":
+        return tf.MiniMaxConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                head_dim=8, layer_types=["linear_attention", "full_attention"])
+    if family == "flex_olmo":
+        return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+    if family == "qwen3_next":
+        return tf.Qwen3NextConfig(
+            **COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=8, num_experts_per_tok=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        )
+    if family == "jamba":
+        return tf.JambaConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                              attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
+    if family == "granitemoe":
+        return tf.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if family in GENERIC:
+        return generic_config(family)
+    raise KeyError(family)
+
+
+# Families whose config takes the usual field names: only the fields their config class has are set.
+GENERIC = ("glm4_moe", "dots1", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "solar_open", "hy_v4", "mellum",
+           "granitemoeshared", "granitemoehybrid", "exaone_moe")
+SIZES = dict(
+    intermediate_size=48, moe_intermediate_size=16, head_dim=8, n_routed_experts=8, num_experts=8, num_local_experts=8,
+    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
+    routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    index_head_dim=8, index_n_heads=2, index_topk=4,
+)
+
+EXTRA = {  # one Mamba-2 layer, one attention layer
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+                             layer_types=["mamba", "attention"]),
+}
+
+
+def generic_config(model_type: str):
+    """A tiny config of `model_type` from COMMON and SIZES (MLA-style families: kv heads = heads)."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    cls = type(AutoConfig.for_model(model_type))
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = EXTRA.get(model_type, {})
+    kw = {k: v for k, v in {**COMMON, **SIZES, "num_key_value_heads": 4, **extra}.items() if k in names}
+    return cls(**kw)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised tiny model (eager attention and experts), in eval mode, with
+    non-trivial router weights (and a non-zero DeepSeek score-correction bias)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(family), attn_implementation="eager", experts_implementation="eager"
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".gate.weight", ".router.weight")):
+                p.normal_(std=0.5)  # spread the router scores so top-k choices are not near-ties
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    return model.eval()
