@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import demo, evaluate, generate, inspect, quickstart, route, train
+from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, route, train
 
 app = typer.Typer(
     name="moekit",
@@ -18,7 +18,10 @@ app.command(name="train")(train.train)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="generate")(generate.generate)
 app.command(name="inspect")(inspect.inspect)
+app.command(name="export")(export.export)
+app.command(name="analyze")(analyze.analyze)
 app.add_typer(route.app, name="route")
+app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from moekit.layers.activations import ACTIVATIONS
 from moekit.layers.dispatch import list_backends
 from moekit.routing.capacity import PRIORITIES
 
+QK_NORMS = ("none", "head", "full")
+
 
 @dataclass
 class LMConfig:
@@ -27,6 +29,7 @@ class LMConfig:
     activation: str = "silu"  # feed-forward activation; gated (SwiGLU with "silu")
     rope_theta: float = 10_000.0  # rotary base
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: "none" | "head" (per head, Qwen3) | "full" (OLMoE)
     tie_embeddings: bool = True  # share the input embedding with the output head
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     # Mixture of experts: num_experts = 0 means every feed-forward block is dense.
@@ -41,6 +44,10 @@ class LMConfig:
     capacity_factor: float | None = None  # cap tokens per expert (None = dropless)
     capacity_priority: str = "order"  # which slots win when an expert overflows: "order" | "weight"
     dispatch: str = "auto"  # dispatch backend (moekit.layers.list_backends())
+    moe_iterations: int = 1  # Chain-of-Experts: each MoE layer applies its experts this many times, re-routed each time
+    experts: str = "ffn"  # routed experts variant: "ffn" | "film" | "smear" | "duo" | "autonomy" (layers.variants)
+    experts_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the experts variant
+    share_blocks: bool = False  # WideNet: all blocks reuse block 0's attention and FFN/MoE; norms stay per block
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -66,6 +73,8 @@ class LMConfig:
             raise ValueError(f"LMConfig: head width dim/n_heads={self.dim // self.n_heads} must be even (RoPE)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LMConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"LMConfig.qk_norm must be one of {list(QK_NORMS)}, got {self.qk_norm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"LMConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 0:
@@ -86,6 +95,20 @@ class LMConfig:
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"LMConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+        if not isinstance(self.moe_iterations, int) or isinstance(self.moe_iterations, bool) or self.moe_iterations < 1:
+            raise ValueError(f"LMConfig.moe_iterations must be a positive integer, got {self.moe_iterations!r}")
+        if self.moe_iterations > 1 and (self.capacity_factor is not None or self.shared_gate):
+            raise ValueError(
+                "LMConfig.moe_iterations > 1 (Chain-of-Experts) supports neither capacity_factor nor shared_gate"
+            )
+        if self.share_blocks and (self.first_k_dense or self.moe_every != 1):
+            raise ValueError("LMConfig.share_blocks=True (WideNet) needs first_k_dense=0 and moe_every=1")
+        from moekit.layers.variants import EXPERTS_VARIANTS
+
+        if self.experts not in EXPERTS_VARIANTS:
+            raise ValueError(f"LMConfig.experts must be one of {list(EXPERTS_VARIANTS)}, got {self.experts!r}")
+        if not isinstance(self.experts_args, dict):
+            raise ValueError(f"LMConfig.experts_args must be a dict, got {type(self.experts_args).__name__}")
         if not isinstance(self.router_args, dict):
             raise ValueError(f"LMConfig.router_args must be a dict, got {type(self.router_args).__name__}")
         if self.num_experts:

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers import MLP, Experts, MoE
+from moekit.layers import MLP, MoE
+from moekit.layers.chain import ChainMoE
+from moekit.layers.variants import build_experts
 from moekit.models.config import LMConfig
 from moekit.routing import Routing, build_router
 
@@ -53,13 +55,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        if cfg.qk_norm != "none":  # "head": over each head's hd features; "full": over the whole projection
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(hd if per_head else cfg.n_heads * hd, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(hd if per_head else cfg.n_kv_heads * hd, eps=cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
         """x: [B, L, D] -> [B, L, D]; with a cache, x holds positions cache.length .. cache.length+L-1."""
         B, L, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, L, hd]
-        k = self.k_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, L, hd]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, L, H*hd], [B, L, KV*hd]
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, L, cfg.n_heads, cfg.head_dim)
+        k = k.view(B, L, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, hd], [B, KV, L, hd]
         v = self.v_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -75,6 +87,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
 
 
+def routed_experts(cfg: LMConfig) -> nn.Module:
+    """The routed experts of an MoE layer: `Experts`, or the variant named by `cfg.experts`."""
+    return build_experts(
+        cfg.experts, num_experts=cfg.num_experts, dim=cfg.dim, hidden=cfg.expert_hidden, activation=cfg.activation,
+        backend=cfg.dispatch, **cfg.experts_args,
+    )
+
+
 def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
     """The feed-forward of block `layer`: an MoE layer or a dense MLP, from the config."""
     if not cfg.is_moe_layer(layer):
@@ -82,15 +102,18 @@ def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
     shared = None
     if cfg.num_shared_experts:
         shared = MLP(dim=cfg.dim, hidden=cfg.num_shared_experts * cfg.expert_hidden, activation=cfg.activation)
+    if cfg.moe_iterations > 1:  # Chain-of-Experts: one router per iteration, experts shared
+        return ChainMoE(
+            routers=[
+                build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args)
+                for _ in range(cfg.moe_iterations)
+            ],
+            experts=routed_experts(cfg),
+            shared_experts=shared,
+        )
     return MoE(
         router=build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args),
-        experts=Experts(
-            num_experts=cfg.num_experts,
-            dim=cfg.dim,
-            hidden=cfg.expert_hidden,
-            activation=cfg.activation,
-            backend=cfg.dispatch,
-        ),
+        experts=routed_experts(cfg),
         shared_experts=shared,
         shared_gate=cfg.shared_gate,
         capacity_factor=cfg.capacity_factor,
@@ -109,12 +132,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = build_ffn(cfg, layer)
 
+    def share_from(self, other: Block) -> None:
+        """Use `other`'s attention and feed-forward, keep this block's norms (WideNet, Xue et al. 2022).
+        The shared modules stay registered under `other` only: they appear once in state_dict()."""
+        del self._modules["self_attn"], self._modules["mlp"]
+        object.__setattr__(self, "self_attn", other.self_attn)
+        object.__setattr__(self, "mlp", other.mlp)
+
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict
     ) -> tuple[Tensor, Routing | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer)
         h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MoE):
+        if isinstance(self.mlp, MoE | ChainMoE):
             y, routing = self.mlp(h, state=state)
             return x + y, routing
         return x + self.mlp(h), None
@@ -139,6 +169,9 @@ class MoELM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        if config.share_blocks:  # WideNet: one attention and one FFN/MoE for every block, norms per block
+            for block in self.layers[1:]:
+                block.share_from(self.layers[0])
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

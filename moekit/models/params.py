@@ -1,63 +1,77 @@
-"""Parameter and FLOP accounting: total, active per token, FLOPs per token."""
+"""Parameter and FLOP accounting: total, active per token, FLOPs per token.
+
+Counts come from the model itself, built on PyTorch's `meta` device (shapes only, no memory), so
+they stay right for every option (q/k norms, shared blocks, expert variants, routers with their own
+parameters). A routed expert module's parameters count as active in the share k/E (the nominal
+experts per token of its router).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from moekit.models.config import LMConfig
 
 
 @dataclass
 class ParamCount:
-    """Counts for one model config (embeddings counted once when tied)."""
+    """Counts for one model config (tied or shared tensors counted once)."""
 
     total: int  # every parameter
     active: int  # parameters that touch one token: all but the experts a token does not use
     embedding: int  # input embedding (and output head when untied)
     experts_total: int  # routed expert parameters
     experts_active: int  # routed expert parameters one token uses (nominal k)
-    flops_per_token: (
-        int  # forward FLOPs per token at full context: 2 * active non-embedding matmul params + head + attention
-    )
+    flops_per_token: int  # forward FLOPs per token at full context: 2 x active matmul params + head + attention
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def router_facts(cfg: LMConfig) -> tuple[float, int]:
-    """(experts per token the router asks for: k, or max_k for variable routers; router parameters)."""
-    from moekit.routing import build_router
-
-    r = build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args)
-    k = next((float(v) for v in (getattr(r, "k", None), getattr(r, "max_k", None)) if isinstance(v, int)), 1.0)
-    return k, sum(p.numel() for p in r.parameters())
+def nominal_k(router: torch.nn.Module) -> float:
+    """Experts per token a router asks for: its `k`, or `max_k` for variable routers, else 1."""
+    for name in ("k", "max_k"):
+        v = getattr(router, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+    return 1.0
 
 
 def count_params(cfg: LMConfig) -> ParamCount:
-    """Closed-form counts from the config (only a router is built, to count its parameters)."""
-    D, V, hd = cfg.dim, cfg.vocab_size, cfg.head_dim
-    attn = D * cfg.n_heads * hd * 2 + D * cfg.n_kv_heads * hd * 2  # q, o + k, v
-    norms = 2 * D
-    dense_ffn = 3 * D * cfg.ffn_hidden
-    expert = 3 * D * cfg.expert_hidden
-    k, router = router_facts(cfg) if cfg.num_experts else (0.0, 0)
-    total = active = 0
+    """Counts of the model `cfg` describes (built on the meta device)."""
+    from moekit.models.lm import MoELM
+
+    with torch.device("meta"):
+        model = MoELM(cfg)
+    seen: set[int] = set()
+
+    def numel(params) -> int:
+        n = 0
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    embedding = numel([model.embed_tokens.weight]) + numel([model.lm_head.weight])
     experts_total = experts_active = 0
-    for i in range(cfg.n_layers):
-        total += attn + norms
-        active += attn + norms
-        if cfg.is_moe_layer(i):
-            shared = 3 * D * cfg.expert_hidden * cfg.num_shared_experts + (D if cfg.shared_gate else 0)
-            total += router + shared + cfg.num_experts * expert
-            active += router + shared + int(k * expert)
-            experts_total += cfg.num_experts * expert
-            experts_active += int(k * expert)
-        else:
-            total += dense_ffn
-            active += dense_ffn
-    embedding = V * D * (1 if cfg.tie_embeddings else 2)
-    total += embedding + D
-    active += embedding + D
-    matmul_active = active - embedding - D - cfg.n_layers * norms
-    flops = 2 * matmul_active + 2 * V * D + 2 * cfg.n_layers * cfg.max_seq_len * cfg.n_heads * hd
+    for mod in model.modules():
+        experts = getattr(mod, "experts", None)
+        if experts is None or experts is mod or not isinstance(experts, torch.nn.Module):
+            continue
+        routers = [getattr(mod, "router", None)] + list(getattr(mod, "routers", []) or [])
+        router = next((r for r in routers if r is not None), None)
+        n = numel(experts.parameters())
+        E = getattr(experts, "num_experts", cfg.num_experts) or 1
+        experts_total += n
+        experts_active += int(n * min(1.0, nominal_k(router) / E)) if router is not None else n
+    rest = numel(model.parameters())  # everything not yet counted
+    total = embedding + experts_total + rest
+    active = embedding + experts_active + rest
+    norms = sum(p.numel() for name, p in model.named_parameters() if p.dim() < 2)
+    matmul_active = active - embedding - norms
+    hd = cfg.head_dim
+    flops = 2 * matmul_active + 2 * cfg.vocab_size * cfg.dim + 2 * cfg.n_layers * cfg.max_seq_len * cfg.n_heads * hd
     return ParamCount(total, active, embedding, experts_total, experts_active, flops)

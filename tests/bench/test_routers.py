@@ -1,0 +1,112 @@
+"""The router leaderboard: the smoke budget end to end (library and CLI), and its statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moekit.bench.routers import BUDGETS, ENTRIES, model_config, mutual_information, run_leaderboard
+from moekit.cli.main import app
+from moekit.models import MoELM, count_params
+from moekit.routing import list_routers
+
+# CI trains a representative subset end to end (dense, capacity, null slots, chain, two experts variants);
+# test_every_entry_trains_one_step covers the other entries' models without the data pipeline.
+SMOKE_SUBSET = ["dense", "topk", "switch", "null_experts", "chain", "smear", "duo"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("leaderboard")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEKIT_CACHE", str(root / "cache"))
+    res = run_leaderboard("smoke", SMOKE_SUBSET, root / "out", progress=False, log=lambda *_: None)
+    yield root, res
+    mp.undo()
+
+
+def test_every_registered_router_is_on_the_leaderboard():
+    on_board = {e.router for e in ENTRIES.values()}
+    assert set(list_routers()) <= on_board, set(list_routers()) - on_board
+
+
+def test_entries_have_equal_nominal_active_expert_flops():
+    b = BUDGETS["small"]
+    F2 = 2 * 3 * b.dim * b.expert_hidden * 2  # two experts of width F per token, per MoE layer
+    for name, e in ENTRIES.items():
+        cfg = model_config(e, b, b.vocab_size)
+        if e.router is None:
+            assert cfg.ffn_hidden == 2 * b.expert_hidden
+            continue
+        k = cfg.router_args.get("k", cfg.router_args.get("eval_k", 2)) * cfg.moe_iterations
+        if cfg.experts in ("smear", "film"):
+            k = 1  # one merged / shared expert per token
+        if name not in ("topp",):
+            assert 2 * 3 * cfg.dim * cfg.expert_hidden * k == F2, name
+    small = count_params(model_config(ENTRIES["topk"], b, b.vocab_size))
+    assert small.total < 5_000_000  # "small" stays a 2-core budget
+
+
+def test_every_entry_trains_one_step():
+    b = BUDGETS["smoke"]
+    ids = torch.randint(0, b.vocab_size, (2, b.seq_len))
+    for name, e in ENTRIES.items():
+        torch.manual_seed(0)
+        model = MoELM(model_config(e, b, b.vocab_size))
+        out = model(ids, targets=ids)
+        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        loss.backward()
+        assert math.isfinite(float(loss.detach())), name
+        assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0, name
+
+
+def test_smoke_leaderboard_writes_table_json_and_plots(smoke):
+    root, res = smoke
+    assert [r["router"] for r in res.rows] == SMOKE_SUBSET
+    assert all(f.is_file() and f.stat().st_size > 200 for f in res.files)
+    md = (root / "out" / "leaderboard.md").read_text()
+    for name in SMOKE_SUBSET:
+        assert f"| {name} |" in md
+    data = json.loads((root / "out" / "leaderboard.json").read_text())
+    assert data["budget"] == "smoke" and data["domains"] == ["bible", "code", "wiki"]
+    rows = {r["router"]: r for r in data["rows"]}
+    for r in rows.values():
+        assert math.isfinite(r["val_loss"]) and set(r["val_loss_per_domain"]) == {"bible", "code", "wiki"}
+        assert r["expert_domain_mi_bits"] >= 0 and r["tokens_per_s"] > 0 and r["history"]
+    assert rows["dense"]["active_experts"] == 0
+    assert rows["topk"]["active_experts"] == pytest.approx(2.0) and rows["topk"]["dropped_frac"] == 0
+    assert rows["chain"]["active_experts"] == pytest.approx(2.0)  # 2 iterations of top-1
+    assert rows["switch"]["active_experts"] <= 1.0
+    assert rows["null_experts"]["active_experts"] < 2.0
+    assert rows["duo"]["active_experts"] <= 1.0 and rows["smear"]["active_experts"] == pytest.approx(4.0)
+    assert rows["topk"]["load_max_over_mean"] >= 1.0
+    # equal nominal compute: dense and top-2 differ only by the router
+    assert rows["dense"]["active_flops_per_token"] == pytest.approx(rows["topk"]["active_flops_per_token"], rel=0.05)
+
+
+def test_cli_reuses_finished_runs_and_rejects_unknown_entries(smoke):
+    root, res = smoke
+    runner = CliRunner()
+    out = runner.invoke(app, ["bench", "routers", "--budget", "smoke", "--routers", "topk,chain",
+                              "--out", str(root / "out"), "--no-progress"], env={"MOEKIT_CACHE": str(root / "cache")})
+    assert out.exit_code == 0, out.output
+    assert "training" not in out.output and "best:" in out.output  # nothing retrained
+    again = json.loads((root / "out" / "leaderboard.json").read_text())
+    first = {r["router"]: r["val_loss"] for r in res.rows}
+    assert {r["router"]: r["val_loss"] for r in again["rows"]} == {k: first[k] for k in ("topk", "chain")}
+    other_seed = runner.invoke(app, ["bench", "routers", "--routers", "topk", "--seed", "1", "--out",
+                                     str(root / "out"), "--no-progress"], env={"MOEKIT_CACHE": str(root / "cache")})
+    assert other_seed.exit_code == 2 and "another model or training config" in other_seed.output
+    bad = runner.invoke(app, ["bench", "routers", "--routers", "nope", "--out", str(root / "x")])
+    assert bad.exit_code == 2 and "known:" in bad.output
+    listed = runner.invoke(app, ["bench", "routers", "--list"])
+    assert listed.exit_code == 0 and "budget small" in listed.output
+
+
+def test_mutual_information():
+    assert mutual_information(torch.tensor([[5, 5], [5, 5]])) == pytest.approx(0.0)
+    assert mutual_information(torch.tensor([[7, 0, 0], [0, 7, 0], [0, 0, 7]])) == pytest.approx(math.log2(3))
