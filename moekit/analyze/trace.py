@@ -30,11 +30,17 @@ COLUMNS = ("layer", "seq", "pos", "token", "slot", "expert", "weight", "p_top1",
 
 def moe_layers(model: nn.Module) -> list[tuple[int, str, MoE]]:
     """(layer index, module name, module) of every moekit MoE layer, in model order. The index is the
-    number after `layers.` in the name (the transformer block), else the ordinal."""
+    number after `layers.` in the name (the transformer block), else the ordinal. A patched Hugging Face
+    block (`moekit.hf.PatchedMoE`) keeps its MoE in a plain attribute `moe`, found here too."""
+    found = []
+    for name, mod in model.named_modules():
+        moe = mod if isinstance(mod, MoE) else mod.__dict__.get("moe")
+        if isinstance(moe, MoE) and all(moe is not m for _, m in found):
+            found.append((name, moe))
     out = []
-    for i, (name, mod) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
+    for i, (name, moe) in enumerate(found):
         m = re.search(r"layers?\.(\d+)", name)
-        out.append((int(m.group(1)) if m else i, name, mod))
+        out.append((int(m.group(1)) if m else i, name, moe))
     return out
 
 

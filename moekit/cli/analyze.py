@@ -11,7 +11,7 @@ from moekit.cli.options import NoProgressOpt, ThreadsOpt, set_threads
 
 
 def analyze(
-    path: Annotated[Path, typer.Argument(help="a moekit run directory")],
+    path: Annotated[Path, typer.Argument(help="a moekit run directory or a Hugging Face checkpoint directory")],
     out: Annotated[Path, typer.Option(help="output folder (trace.parquet, metrics.json, report.html, PNGs)")],
     data: Annotated[
         list[str] | None, typer.Option(help="'builtin' (the run's validation split) or files/folders")

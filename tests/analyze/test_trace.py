@@ -90,3 +90,45 @@ def test_failed_capture_leaves_no_file(tmp_path):
         capture(dense, batches(), tmp_path / "d.parquet", progress=False)
     with pytest.raises(FileNotFoundError):
         Trace(tmp_path / "missing.parquet")
+
+
+def test_analysis_of_a_patched_hugging_face_model(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    import transformers as tf
+
+    from moekit.analyze.run import analyze_model
+    from moekit.hf import patch
+
+    cfg = tf.OlmoeConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = patch(tf.AutoModelForCausalLM.from_config(cfg).eval())
+    windows = {"a": torch.randint(0, 96, (4, 16)), "b": torch.randint(0, 96, (4, 16))}
+    report = analyze_model(
+        model, windows, tmp_path / "out", progress=False, forward=lambda m, ids: m(input_ids=ids, use_cache=False)
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["trace"]["layers"] == [0, 1] and metrics["trace"]["num_experts"] == 8 and metrics["trace"]["k"] == 2
+    assert sum(metrics["load"]["0"]["counts"]) == 8 * 16 * 2
+    assert set(metrics["specialization"]["labels"]) == {"a", "b"}
+    assert report.is_file()
+    # the trace holds the routing the patched model computes itself
+    from moekit.hf import routings
+
+    ids = torch.cat([windows["a"], windows["b"]])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    r0 = routings(model)[0]
+    tr = Trace(tmp_path / "out" / "trace.parquet")
+    np.testing.assert_array_equal(tr.layer(0).experts, r0.expert_ids.numpy())
