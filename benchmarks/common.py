@@ -21,16 +21,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str) -> dict:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str, slow_factor: float = 5.0
+) -> dict:
     """Median milliseconds of each fn; rounds interleave the candidates so that machine noise hits
-    all of them alike (ratios measured in one run hold even when absolute times drift)."""
+    all of them alike (ratios measured in one run hold even when absolute times drift). Candidates
+    more than `slow_factor` times slower than the fastest stop after 3 timed runs (their ratio is
+    far from any target, and they would dominate the benchmark's time)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
+        fastest = min((min(v) for v in times.values() if v), default=None)
         for name, fn in fns.items():
+            if r >= 3 and fastest is not None and min(times[name]) > slow_factor * fastest:
+                continue
             sync(device)
             t0 = time.perf_counter()
             fn()
