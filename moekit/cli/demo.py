@@ -5,10 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
-from moekit.layers.survey import survey_routers
 
 
 def demo(
@@ -20,6 +16,10 @@ def demo(
 ) -> None:
     """Route one random batch through an MoE layer with every registered router; print a table."""
     import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.layers.survey import survey_routers
 
     if threads:
         torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,9 @@ def train(
     arg: Annotated[list[str] | None, typer.Option("--arg", help="router argument key=value (repeatable)")] = None,
     router_args: Annotated[str | None, typer.Option(help="router arguments: JSON, or a .json/.yaml file")] = None,
     embedder: Annotated[str, typer.Option(help="tfidf | sentence-transformers")] = "tfidf",
+    embedder_arg: Annotated[
+        list[str] | None, typer.Option("--embedder-arg", help="embedder argument key=value, e.g. dim=512 or model=DIR")
+    ] = None,
     split: Annotated[str, typer.Option(help="query | category (held-out categories)")] = "query",
     test_size: Annotated[float, typer.Option(help="share of queries (or categories) held out for test")] = 0.2,
     val_size: Annotated[float, typer.Option(help="share held out for validation / calibration")] = 0.0,
@@ -69,8 +73,9 @@ def train(
     models: Annotated[str | None, typer.Option(help="comma-separated models to keep (default: all)")] = None,
     prices: Annotated[str | None, typer.Option(help="price file {model: {input, output}} in $ per M tokens")] = None,
     output_tokens: Annotated[int, typer.Option(help="assumed answer tokens when the data has none")] = 16,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow RouterBench's .pkl (trusted files only)")]
-    = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="allow RouterBench's .pkl (trusted files only)")
+    ] = False,
     calibrate_share: Annotated[
         float | None, typer.Option(help="two models: print the mu giving this share of strong calls")
     ] = None,
@@ -82,11 +87,17 @@ def train(
     from moekit.llmroute.table import SplitConfig
 
     config = TrainConfig(
-        data=DataConfig(path=str(data), format=format, prices=prices, output_tokens=output_tokens,
-                        allow_pickle=allow_pickle),
+        data=DataConfig(
+            path=str(Path(data).resolve()),
+            format=format,
+            prices=prices,
+            output_tokens=output_tokens,
+            allow_pickle=allow_pickle,
+        ),
         router=router,
         router_args=_parse_args(router_args, arg),
         embedder=embedder,
+        embedder_args=_parse_args(None, embedder_arg),
         split=SplitConfig(by=split, test_size=test_size, val_size=val_size, seed=seed),
         models=models.split(",") if models else None,
     )
@@ -98,14 +109,13 @@ def train(
         run = load_trained(out)
         mu = run.router.calibrate(run.embed(part.queries, _cache(cache)), calibrate_share, part)
         info = json.loads((out / "train.json").read_text())
-        info["calibration"] = {"strong_share": calibrate_share, "mu": mu,
-                               "on": "validation" if len(val_t) else "train"}
+        info["calibration"] = {"strong_share": calibrate_share, "mu": mu, "on": "validation" if len(val_t) else "train"}
         (out / "train.json").write_text(json.dumps(info, indent=2))
         typer.echo(f"mu for {calibrate_share:.0%} strong calls: {mu:.5f} (serve as model router-<name>-{mu:.5f})")
 
 
-@app.command()
-def eval(
+@app.command(name="eval")
+def eval_cmd(
     runs: Annotated[list[Path], typer.Argument(help="trained router folders (same data and split)")],
     out: Annotated[Path | None, typer.Option(help="folder for metrics.json and plots")] = None,
     baselines: Annotated[bool, typer.Option(help="also evaluate random, oracle, best, zero")] = True,
@@ -175,7 +185,7 @@ def list_cmd() -> None:
     from moekit.llmroute.routers import get, list_routers
 
     for name in list_routers():
-        doc = (get(name).__module__ and __import__(get(name).__module__, fromlist=["_"]).__doc__ or "").strip()
+        doc = (sys.modules[get(name).__module__].__doc__ or "").strip()
         typer.echo(f"{name:10s} {doc.splitlines()[0] if doc else ''}")
 
 

@@ -1,0 +1,160 @@
+"""Train a router on a dataset and save it; load it back with its embedder. The CLI calls these.
+
+A trained router is a folder: `router.json` + `weights.npz` (the router), `embedder/` (the fitted
+embedder), and `train.json` (the data and split it was trained on, so `eval` can rebuild the test set).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moekit.llmroute.embed import encode_cached, load_embedder, make_embedder
+from moekit.llmroute.loaders import FORMATS, load_table
+from moekit.llmroute.prices import PriceTable
+from moekit.llmroute.routers import Router, create, load_router
+from moekit.llmroute.table import RoutingTable, SplitConfig, split_rows
+
+
+@dataclass
+class DataConfig:
+    """Where a routing table comes from."""
+
+    path: str  # file or folder of the dataset
+    format: str = "routellm"  # one of routellm, routerbench, sprout
+    prices: str | None = None  # YAML/JSON price file ({model: {input, output}} $ per M tokens); None = defaults
+    output_tokens: int = 16  # assumed answer length in tokens when the data has none (routellm)
+    allow_pickle: bool = False  # RouterBench's .pkl only: a pickle runs code when loaded
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"DataConfig.format: expected one of {list(FORMATS)}, found {self.format!r}")
+        if self.output_tokens < 0:
+            raise ValueError(f"DataConfig.output_tokens: expected >= 0, found {self.output_tokens}")
+
+    def load(self) -> RoutingTable:
+        prices = PriceTable.from_file(self.prices) if self.prices else PriceTable.default()
+        return load_table(
+            self.path,
+            format=self.format,
+            prices=prices,
+            output_tokens=self.output_tokens,
+            allow_pickle=self.allow_pickle,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One router training run."""
+
+    data: DataConfig  # the dataset
+    router: str = "knn"  # registered router name
+    router_args: dict = field(default_factory=dict)  # keyword arguments of the router
+    embedder: str = "tfidf"  # "tfidf" or "sentence-transformers"
+    embedder_args: dict = field(default_factory=dict)  # keyword arguments of the embedder
+    split: SplitConfig = field(default_factory=SplitConfig)  # train/val/test split
+    models: list[str] | None = None  # restrict the table to these models (None = all)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if isinstance(self.split, dict):
+            self.split = SplitConfig(**self.split)
+
+
+def prepare(config: TrainConfig) -> tuple[RoutingTable, RoutingTable, RoutingTable, RoutingTable]:
+    """(full, train, val, test) tables of a training config."""
+    table = config.data.load()
+    if config.models:
+        table = table.select_models(config.models)
+    parts = split_rows(table, config.split)
+    return table, table.subset(parts.train), table.subset(parts.val), table.subset(parts.test)
+
+
+def train(config: TrainConfig, out: str | Path, *, cache_dir: str | Path | None = None) -> Router:
+    """Fit the embedder and the router on the training part and save both (and `train.json`) into `out`."""
+    out = Path(out)
+    _, train_t, _, _ = prepare(config)
+    t0 = time.perf_counter()
+    embedder = make_embedder(config.embedder, **config.embedder_args).fit(train_t.queries)
+    x = encode_cached(embedder, train_t.queries, cache_dir)
+    router = create(config.router, **config.router_args).fit(train_t, x, embedder=embedder)
+    router.save(out)
+    embedder.save(out / "embedder")
+    info = {"config": asdict(config), "train_queries": len(train_t), "fit_seconds": time.perf_counter() - t0}
+    (out / "train.json").write_text(json.dumps(info, indent=2))
+    return router
+
+
+@dataclass
+class Trained:
+    """A router loaded from its folder, with its embedder and training config."""
+
+    router: Router
+    embedder: object
+    config: TrainConfig
+
+    def embed(self, texts: list[str], cache_dir: str | Path | None = None) -> np.ndarray:
+        return encode_cached(self.embedder, texts, cache_dir)
+
+
+def load_trained(folder: str | Path) -> Trained:
+    """Load a folder written by `train`."""
+    folder = Path(folder)
+    info_path = folder / "train.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{folder}: not a trained router folder (expected {info_path})")
+    info = json.loads(info_path.read_text())
+    return Trained(load_router(folder), load_embedder(folder / "embedder"), TrainConfig(**info["config"]))
+
+
+BASELINES = ("random", "oracle", "best", "zero")
+
+
+def evaluate_runs(
+    folders: list[str | Path],
+    *,
+    baselines: bool = True,
+    part: str = "test",
+    cache_dir: str | Path | None = None,
+):
+    """Evaluate trained routers (and the baselines) on the `part` ("test", "val" or "all") of their data.
+
+    All folders must have been trained on the same data and split. Returns (table, [Evaluation]).
+    """
+    from moekit.llmroute.evaluate import evaluate
+
+    if not folders:
+        raise ValueError("evaluate_runs: expected at least one trained router folder")
+    runs = [load_trained(f) for f in folders]
+
+    def same_test(c: dict) -> tuple:  # the test part depends on the split's kind, test share and seed only
+        sp = c["split"]
+        return c["data"], c["models"], sp["by"], sp["test_size"], sp["seed"], *([] if part == "test" else [sp])
+
+    first = asdict(runs[0].config)
+    for f, r in zip(folders[1:], runs[1:], strict=True):
+        if same_test(asdict(r.config)) != same_test(first):
+            raise ValueError(f"{f}: trained on other data or another split than {folders[0]}; evaluate them apart")
+    full, train_t, val_t, test_t = prepare(runs[0].config)
+    parts = {"test": test_t, "val": val_t, "all": full}
+    if part not in parts:
+        raise ValueError(f"part: expected one of {list(parts)}, found {part!r}")
+    table = parts[part]
+    if len(table) == 0:
+        raise ValueError(f"the {part!r} part of the split is empty")
+    evals = []
+    if baselines:
+        x_train = np.zeros((len(train_t), 1), np.float32)
+        x_eval = np.zeros((len(table), 1), np.float32)
+        for name in BASELINES:
+            router = create(name).fit(train_t, x_train)
+            evals.append(evaluate(router, x_eval, table, name=name))
+    for f, run in zip(folders, runs, strict=True):
+        x = run.embed(table.queries, cache_dir)
+        evals.append(evaluate(run.router, x, table, name=Path(f).name))
+    return table, evals
