@@ -71,6 +71,12 @@ class RoutingRecorder:
     record_outputs: bool = False
     rows: list[dict[str, np.ndarray]] = field(default_factory=list)
     batch: _Batch | None = None
+    codes: dict[str, dict[str, int]] = field(default_factory=dict)  # label column -> value -> code
+
+    def label_codes(self, column: str, values: list[str]) -> np.ndarray:
+        """int32 codes of one label per sequence (dictionary-encoded in the Parquet file)."""
+        table = self.codes.setdefault(column, {})
+        return np.array([table.setdefault(v, len(table)) for v in values], dtype=np.int32)
 
     def hook(self, layer: int):
         def fn(module: MoE, args, output) -> None:
@@ -105,7 +111,7 @@ class RoutingRecorder:
                 "out_absmax": absmax.astype(np.float32),
             }
             for col, vals in self.batch.labels.items():
-                row[col] = np.repeat(np.asarray(vals, dtype=object), L * k)
+                row[col] = np.repeat(self.label_codes(col, vals), L * k)
             self.rows.append(row)
 
         return fn
@@ -152,10 +158,14 @@ class TraceWriter:
         self.writer = self.pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
         self.chunk_rows = chunk_rows
         self.pending: list[dict[str, np.ndarray]] = []
+        self.codes: dict[str, dict[str, int]] = {}
         self.pending_rows = 0
         self.rows = 0
 
-    def add(self, rows: list[dict[str, np.ndarray]]) -> None:
+    def add(self, rows: list[dict[str, np.ndarray]], codes: dict[str, dict[str, int]] | None = None) -> None:
+        """Queue rows (label columns hold int32 codes into `codes[column]`, value -> code)."""
+        if codes is not None:
+            self.codes = codes
         for r in rows:
             self.pending.append(r)
             self.pending_rows += len(r["layer"])
@@ -168,11 +178,13 @@ class TraceWriter:
         cols = {}
         for f in self.schema:
             arr = np.concatenate([r[f.name] for r in self.pending])
-            cols[f.name] = (
-                self.pa.array(arr.astype(str), self.pa.string()).dictionary_encode()
-                if self.pa.types.is_dictionary(f.type)
-                else self.pa.array(arr, f.type)
-            )
+            if self.pa.types.is_dictionary(f.type):  # int32 codes + their values, in code order
+                values = sorted(self.codes[f.name], key=self.codes[f.name].get)
+                cols[f.name] = self.pa.DictionaryArray.from_arrays(
+                    self.pa.array(arr, self.pa.int32()), self.pa.array(values, self.pa.string())
+                )
+            else:
+                cols[f.name] = self.pa.array(arr, f.type)
         self.writer.write_table(self.pa.table(cols, schema=self.schema))
         self.rows += self.pending_rows
         self.pending, self.pending_rows = [], 0
@@ -233,7 +245,7 @@ def capture(
                     raise ValueError(f"trace: batch lacks label columns {missing}")
                 rec.batch = _Batch(ids, seqs, {c: list(labels[c]) for c in label_columns})
                 forward(model, ids)
-                writer.add(rec.rows)
+                writer.add(rec.rows, rec.codes)
                 rec.rows = []
                 seqs += ids.shape[0]
                 tokens += ids.numel()

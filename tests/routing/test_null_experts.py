@@ -42,18 +42,18 @@ def test_experts_compute_only_real_slots(monkeypatch):
     experts = Experts(num_experts=4, dim=16, hidden=32, backend="loop")
     moe = MoE(router=router, experts=experts)
     rows = []
-    real = dispatch.grouped_linear
+    real = dispatch.fused_expert_mlp
 
-    def counting(x, w, counts):
-        rows.append(x.shape[0])
-        return real(x, w, counts)
+    def counting(x, w1, w2, counts, act, gated):
+        rows.append((x.shape[0], sum(counts)))
+        return real(x, w1, w2, counts, act, gated)
 
-    monkeypatch.setattr(dispatch, "grouped_linear", counting)
+    monkeypatch.setattr(dispatch, "fused_expert_mlp", counting)
     x = torch.randn(40, 16)
     y, r = moe(x)
     n_real = int((r.expert_ids >= 0).sum())
     assert n_real < 40 * 3
-    assert rows == [n_real, n_real]  # both projections see only the real slots
+    assert rows == [(n_real, n_real)]  # the experts see only the real slots
     # The same output as the eager reference over the real slots alone.
     ref = dispatch.eager(x, r.expert_ids, r.weights, experts)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
