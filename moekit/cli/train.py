@@ -47,6 +47,10 @@ def train(
         )
         data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
         cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])
+        keys = [pair.split("=", 1)[0].removeprefix("model.") for pair in set_ or []]
+        if cfgs["model"].router != model_cfg.router and not any(k.startswith("router_args") for k in keys):
+            # the preset's router arguments belong to the preset's router: a new router starts from its defaults
+            cfgs["model"] = cfgs["model"].replace(router_args={})
         result = run_training(
             cfgs["model"],
             cfgs["train"],

@@ -140,3 +140,24 @@ def test_analyze_writes_report_and_refuses_to_overwrite(tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.output
     r = invoke("analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--no-progress")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_switching_router_drops_the_presets_router_args(tmp_path):
+    run = tmp_path / "run"
+    r = invoke(
+        "train",
+        "--preset",
+        "micro-moe",
+        "--out",
+        str(run),
+        "--steps",
+        "1",
+        "--seq-len",
+        "16",
+        *SMALL,
+        "--set",
+        "router=topp",
+    )
+    assert r.exit_code == 0, r.output
+    info = json.loads(invoke("inspect", str(run), "--json").output)
+    assert info["router"] == "topp" and info["router_args"] == {}
