@@ -1,5 +1,6 @@
-"""Training throughput: moekit's LM against the same shapes built as a Hugging Face transformers
-Qwen3-MoE model from config (its `grouped_mm` and `eager` experts implementations), same batch,
+"""Training throughput: moekit's LM against the same architecture built as a Hugging Face transformers
+Qwen3-MoE model from config (moekit's LM with qk_norm="head" and its exact Qwen3-MoE config; its
+`grouped_mm` and `eager` experts implementations), same batch,
 AdamW steps, in one process.
 
     python benchmarks/bench_train.py                 # tiny-moe shapes, CPU fp32, 2 threads
@@ -27,28 +28,14 @@ from moekit.models.presets import preset  # noqa: E402
 
 
 def hf_qwen3_moe(cfg, impl: str):
-    """A Qwen3-MoE causal LM with the shapes of moekit's config (Qwen3 adds per-head q/k RMSNorm)."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    """The transformers Qwen3-MoE equivalent of moekit's config (moekit.hf's exact mapping)."""
+    from transformers import Qwen3MoeForCausalLM
 
-    hc = Qwen3MoeConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        moe_intermediate_size=cfg.expert_hidden,
-        num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.router_args.get("k", 2),
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        tie_word_embeddings=cfg.tie_embeddings,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
-        rms_norm_eps=cfg.norm_eps,
-    )
+    from moekit.hf import hf_config_for
+
+    hc = hf_config_for(cfg, "qwen3_moe")
+    hc.output_router_logits = True  # its load-balancing loss, as moekit computes one
+    hc.router_aux_loss_coef = 0.01
     hc._experts_implementation = impl
     hc._attn_implementation = "sdpa"
     return Qwen3MoeForCausalLM(hc)
@@ -79,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/bench_train_cpu_float32.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = preset(args.preset, max_seq_len=args.seq_len)
+    cfg = preset(args.preset, max_seq_len=args.seq_len, qk_norm="head")  # Qwen3's per-head q/k norms, in both
     torch.manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
     y = torch.roll(x, -1, dims=1)

@@ -132,11 +132,9 @@ class LMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LMConfig:
         """Inverse of to_dict; unknown keys are an error that lists the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"LMConfig: unknown fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+        from moekit.utils.dataclass import from_dict_strict
+
+        return from_dict_strict(cls, d)
 
     def save(self, path: str | Path) -> None:
         """Write config.json (atomically)."""

@@ -56,8 +56,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+        """Inverse of to_dict; unknown keys are an error that lists the valid ones."""
+        from moekit.utils.dataclass import from_dict_strict
+
+        return from_dict_strict(cls, d)
