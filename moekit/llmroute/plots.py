@@ -37,6 +37,11 @@ def plot_cost_quality(evals: list[Evaluation], table: RoutingTable, path: str | 
     ax.set_xlabel("mean cost per query ($ per 1000 queries)")
     ax.set_ylabel("mean quality")
     ax.set_title(title or "cost vs quality")
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt, fig, ax, path: str | Path) -> Path:
+    """Legend, grid, save (creating the folder), close; returns the path."""
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     path = Path(path)
@@ -62,11 +67,4 @@ def plot_pgr(evals: list[Evaluation], path: str | Path, title: str = "") -> Path
     lows = [float(np.min(e.curve.pgr)) for e in evals if e.curve is not None]
     ax.set_ylim(min([-0.1, *lows]), None)
     ax.set_title(title or "PGR vs strong calls")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
