@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from moekit.analyze.deps import require
-from moekit.layers.dispatch import _expert_mlp, _first_matrix, plan
-from moekit.layers.grouped_linear import grouped_linear
+from moekit.layers.dispatch import _first_matrix, plan
+from moekit.layers.fused_mlp import fused_expert_mlp
 from moekit.layers.moe import MoE
 from moekit.routing.routing import Routing
 
@@ -50,8 +50,9 @@ def expert_output_absmax(experts: nn.Module, x: Tensor, routing: Routing) -> Ten
     T, k = routing.expert_ids.shape
     p = plan(routing.expert_ids, experts.num_experts)
     xs = x.index_select(0, p.token)
-    h = grouped_linear(xs, _first_matrix(experts), p.counts)
-    ys = grouped_linear(_expert_mlp(h, experts), experts.down_proj, p.counts)  # [N, D]
+    with torch.no_grad():
+        w1, w2 = _first_matrix(experts), experts.down_proj
+        ys = fused_expert_mlp(xs, w1, w2, p.counts, experts.activation, experts.gated)  # [N, D]
     out = torch.full((T * k,), float("nan"), dtype=torch.float32, device=x.device)
     out[p.order] = ys.abs().amax(dim=-1).float()
     return out.view(T, k)

@@ -16,9 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.layers.fused_mlp import fused_expert_mlp
-from moekit.layers.grouped_linear import grouped_linear
-
-FUSED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 Backend = Callable[[Tensor, Tensor, Tensor, "torch.nn.Module"], Tensor]
 _BACKENDS: dict[str, Backend] = {}
@@ -110,15 +107,10 @@ def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
 def loop(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     """Sort slots by expert, then per expert: gate_up -> activation -> down on its contiguous slice,
     all in one autograd node (cache-sized intermediates; weight gradients written in place, no
-    per-expert full-size gradient). Activations without a fused backward use the per-projection path."""
+    per-expert full-size gradient)."""
     p = plan(expert_ids, experts.num_experts)
     xs = x.index_select(0, p.token)  # [N, D]
-    if experts.activation in FUSED_ACTIVATIONS:
-        w1, w2 = _first_matrix(experts), experts.down_proj
-        ys = fused_expert_mlp(xs, w1, w2, p.counts, experts.activation, experts.gated)  # [N, D]
-    else:
-        h = grouped_linear(xs, _first_matrix(experts), p.counts)  # [N, 2F]
-        ys = grouped_linear(_expert_mlp(h, experts), experts.down_proj, p.counts)  # [N, D]
+    ys = fused_expert_mlp(xs, _first_matrix(experts), experts.down_proj, p.counts, experts.activation, experts.gated)
     return _combine(ys, p, weights, x.shape[0])
 
 

@@ -10,10 +10,9 @@ recomputed per expert in backward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.layers.grouped_linear import _segments
+from moekit.layers.activations import get_activation
 
 
 def _act_grad(name: str, grad: Tensor, x: Tensor) -> Tensor:
@@ -29,16 +28,14 @@ def _act_grad(name: str, grad: Tensor, x: Tensor) -> Tensor:
     raise ValueError(f"no fused backward for activation {name!r}")
 
 
-def _act(name: str, x: Tensor) -> Tensor:
-    if name == "silu":
-        return F.silu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu(x)
-    raise ValueError(f"no fused activation {name!r}")
+def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) for every expert with at least one row."""
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, start, start + c))
+        start += c
+    return out
 
 
 def _forward(x: Tensor, w1: Tensor, w2: Tensor, segs, act: str, gated: bool, keep_h: bool):
@@ -46,9 +43,10 @@ def _forward(x: Tensor, w1: Tensor, w2: Tensor, segs, act: str, gated: bool, kee
     F_ = w2.shape[2]
     y = x.new_empty(N, w2.shape[1])
     h_all = x.new_empty(N, w1.shape[1]) if keep_h else None
+    act_fn = get_activation(act)
     for e, s, t in segs:
         h = torch.mm(x[s:t], w1[e].t(), out=h_all[s:t]) if keep_h else torch.mm(x[s:t], w1[e].t())
-        a = _act(act, h[:, :F_]) * h[:, F_:] if gated else _act(act, h)
+        a = act_fn(h[:, :F_]) * h[:, F_:] if gated else act_fn(h)
         torch.mm(a, w2[e].t(), out=y[s:t])
     return y, h_all
 
@@ -69,6 +67,7 @@ class FusedExpertMLPFn(torch.autograd.Function):
         x, w1, w2, h = ctx.saved_tensors
         act, gated = ctx.act, ctx.gated
         F_ = w2.shape[2]
+        act_fn = get_activation(act)
         gy = gy.contiguous()
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gw1 = torch.zeros_like(w1) if ctx.needs_input_grad[1] else None
@@ -77,10 +76,10 @@ class FusedExpertMLPFn(torch.autograd.Function):
             he, gye = h[s:t], gy[s:t]
             if gated:
                 g, u = he[:, :F_], he[:, F_:]
-                ag = _act(act, g)
+                ag = act_fn(g)
                 a = ag * u
             else:
-                a = _act(act, he)
+                a = act_fn(he)
             if gw2 is not None:
                 torch.mm(gye.t(), a, out=gw2[e])  # [D, n] x [n, F] -> [D, F]
             ga = torch.mm(gye, w2[e])  # [n, D] x [D, F] -> [n, F]
@@ -97,6 +96,8 @@ class FusedExpertMLPFn(torch.autograd.Function):
 
 def fused_expert_mlp(x: Tensor, w1: Tensor, w2: Tensor, counts: list[int], act: str, gated: bool) -> Tensor:
     """x: [N, D] rows sorted by expert, w1: [E, 2F or F, D], w2: [E, D, F], counts: rows per expert -> [N, D]."""
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"fused_expert_mlp: counts sum to {sum(counts)} but x has {x.shape[0]} rows")
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
         return FusedExpertMLPFn.apply(x, w1, w2, counts, act, gated)
     return _forward(x, w1, w2, _segments(counts), act, gated, keep_h=False)[0]
