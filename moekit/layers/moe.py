@@ -81,7 +81,17 @@ class MoE(nn.Module):
         routing = self.router(flat, state=state)
         if self.capacity_factor is not None:
             routing = apply_capacity(routing, self.capacity_factor, self.capacity_priority)
-        y = self.experts(flat, routing)  # [T, D]
+        if getattr(self.experts, "sequence_aware", False):  # e.g. Hecto's GRU expert: needs sequences and cache
+            ctx = state or {}
+            y = self.experts(
+                flat,
+                routing,
+                seq_len=shape[1] if x.dim() == 3 else None,
+                cache=ctx.get("cache"),
+                layer=ctx.get("layer"),
+            )  # [T, D]
+        else:
+            y = self.experts(flat, routing)  # [T, D]
         if self.shared_experts is not None:
             s = self.shared_experts(flat)
             if self.shared_expert_gate is not None:

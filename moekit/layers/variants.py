@@ -2,9 +2,10 @@
 
 "ffn" is the standard fused `Experts` (the dispatch backends apply); the others change what an expert
 is: "film" (MoFME feature-modulated experts), "smear" (SMEAR merged experts), "duo" (Duo-LLM big and
-small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `autonomy` router).
-Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own keyword arguments, and
-has `forward(x [T, D], routing) -> [T, D]`.
+small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `autonomy` router), "hecto"
+(Hecto GRU + FFN experts). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
+keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant with `sequence_aware = True`
+("hecto") also takes `seq_len`, `cache` and `layer` keywords, which `MoE` passes (see `MoE.forward`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from moekit.layers.autonomy import AutonomyExperts
 from moekit.layers.duo import DuoExperts
 from moekit.layers.experts import Experts
 from moekit.layers.film import FiLMExperts
+from moekit.layers.hecto import HectoExperts
 from moekit.layers.smear import SmearExperts
 
 EXPERTS_VARIANTS: dict[str, type[nn.Module]] = {
@@ -25,11 +27,18 @@ EXPERTS_VARIANTS: dict[str, type[nn.Module]] = {
     "smear": SmearExperts,
     "duo": DuoExperts,
     "autonomy": AutonomyExperts,
+    "hecto": HectoExperts,
 }
 
 
 def build_experts(
-    name: str, *, num_experts: int, dim: int, hidden: int, activation: str = "silu", backend: str = "auto",
+    name: str,
+    *,
+    num_experts: int,
+    dim: int,
+    hidden: int,
+    activation: str = "silu",
+    backend: str = "auto",
     **args: Any,
 ) -> nn.Module:
     """The experts variant `name`; `backend` applies to "ffn" only. Unknown names list the known ones."""
