@@ -88,7 +88,10 @@ class RoutingRecorder:
             B, L = ids.shape
             T, k = routing.expert_ids.shape
             if T != B * L:
-                raise RuntimeError(f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L}")
+                raise RuntimeError(
+                    f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L} (mixture-of-depths blocks, "
+                    "mod_capacity < 1, route a subset of the tokens and cannot be traced)"
+                )
             logits = routing.logits.float()
             probs = torch.softmax(logits, dim=-1)
             p_top1 = probs.amax(dim=-1)  # [T]

@@ -121,6 +121,12 @@ ENTRIES: dict[str, Entry] = {
                      note="WideNet: one attention + MoE shared by all blocks, per-block norms (fewer parameters)"),
     "autonomy": Entry("autonomy", {"k": 2, "rank": 16}, model={"experts": "autonomy", "experts_args": {"rank": 16}},
                       note="Autonomy-of-Experts: experts pick themselves by low-rank activation norm"),
+    "hecto": Entry("topk", {"k": 1}, expert_scale=2, model={"experts": "hecto", "num_experts": 2},
+                   note="Hecto: top-1 between an FFN expert of width 2F and a GRU expert (hidden D) that sees only "
+                        "its own tokens"),
+    "mixture_of_depths": Entry("topk", {"k": 2}, model={"mod_capacity": 0.125},
+                               note="Mixture-of-Depths on top-2 MoE blocks: blocks 1 and 3 process 12.5% of each "
+                                    "sequence (top-k in training, causal per-token decisions in evaluation)"),
 }
 
 
@@ -150,6 +156,7 @@ class RoutingMeasure:
     dropped_frac: float  # dropped token-slots / token-slots the routers asked for
     expert_domain_mi: float  # I(expert; domain) in bits, mean over layers
     expert_flops_per_token: float  # routed-expert forward FLOPs per token, summed over MoE layers (expert_flops)
+    depth_fractions: dict[int, float] = field(default_factory=dict)  # MoD block -> share of the tokens it processed
 
 
 def mutual_information(joint: torch.Tensor) -> float:
@@ -171,6 +178,7 @@ def measure(model: MoELM, windows: dict[str, tuple[torch.Tensor, torch.Tensor]],
     slots: dict[int, int] = {}
     dropped: dict[int, int] = {}
     tokens_routed: dict[int, int] = {}
+    processed: dict[int, int] = {}  # mixture-of-depths block -> tokens it processed
     for label, (x, y) in windows.items():
         s, n = 0.0, 0
         for i in range(0, x.shape[0], batch_size):
@@ -179,6 +187,9 @@ def measure(model: MoELM, windows: dict[str, tuple[torch.Tensor, torch.Tensor]],
             s += float(F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), yb.reshape(-1),
                                        reduction="sum"))
             n += yb.numel()
+            for j, sel in enumerate(out.depth):
+                if sel is not None:
+                    processed[j] = processed.get(j, 0) + int(sel.sum())
             for j, r in enumerate(out.routings):
                 if r is None:
                     continue
@@ -200,13 +211,14 @@ def measure(model: MoELM, windows: dict[str, tuple[torch.Tensor, torch.Tensor]],
         lmm.append(float(load.max() / mean))
         cv.append(float(load.std(unbiased=False) / mean))
         mi.append(mutual_information(joint))
-        flops += expert_flops(cfg, load, max(tokens_routed[j], 1))
+        flops += expert_flops(cfg, load, max(total_tok, 1))  # per model token (MoD blocks route a subset)
     avg = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
     n_slots = sum(slots.values())
     return RoutingMeasure(
         loss=total_loss / max(total_tok, 1), loss_per_domain=losses, active_experts=avg(active),
         load_max_over_mean=avg(lmm), load_cv=avg(cv), dropped_frac=sum(dropped.values()) / n_slots if n_slots else 0.0,
         expert_domain_mi=avg(mi), expert_flops_per_token=flops,
+        depth_fractions={j: c / max(total_tok, 1) for j, c in processed.items()},
     )
 
 
@@ -215,7 +227,8 @@ def expert_flops(cfg: LMConfig, load: torch.Tensor, tokens: int) -> float:
 
     A gated expert of width F costs 2 * 3 * D * F per token-slot. SMEAR's merged expert and MoFME's shared
     FFN cost one expert per token whatever the slots; Duo-LLM's small expert has width experts_args
-    small_hidden (default F // 4).
+    small_hidden (default F // 4); Hecto's GRU expert (hidden H = experts_args gru_hidden, default D) costs
+    2 * (3 (D H + H H) + H D) per token it processes.
     """
     per = 2 * 3 * cfg.dim * cfg.expert_hidden
     if cfg.experts in ("smear", "film"):
@@ -223,16 +236,30 @@ def expert_flops(cfg: LMConfig, load: torch.Tensor, tokens: int) -> float:
     if cfg.experts == "duo":
         small = cfg.experts_args.get("small_hidden") or max(1, cfg.expert_hidden // 4)
         return float(2 * 3 * cfg.dim * (cfg.expert_hidden * load[0] + small * load[1]) / tokens)
+    if cfg.experts == "hecto":
+        D, H = cfg.dim, cfg.experts_args.get("gru_hidden") or cfg.dim
+        return float((per * load[0] + 2 * (3 * (D * H + H * H) + H * D) * load[1]) / tokens)
     return float(per * load.sum() / tokens)
 
 
 def active_flops(cfg: LMConfig, m: RoutingMeasure) -> float:
-    """Forward FLOPs per token with the measured number of active experts (dense: the closed form)."""
+    """Forward FLOPs per token with the measured number of active experts (dense: the closed form).
+
+    Mixture-of-depths blocks count their non-expert FLOPs (attention, norms, router) times the share of
+    tokens they processed (attention among the selected tokens counted as linear in that share, an upper
+    bound); their experts are already counted per processed token."""
     pc = count_params(cfg)
     if not cfg.num_experts:
-        return float(pc.flops_per_token)
-    # count_params assumes the router's nominal k per MoE layer (and 1 iteration); swap in the measured experts.
-    return float(pc.flops_per_token - 2 * pc.experts_active + m.expert_flops_per_token)
+        flops = float(pc.flops_per_token)
+    else:
+        # count_params assumes the router's nominal k per MoE layer (and 1 iteration); swap in the measured experts.
+        flops = float(pc.flops_per_token - 2 * pc.experts_active + m.expert_flops_per_token)
+    if m.depth_fractions:
+        head = 2 * cfg.vocab_size * cfg.dim
+        nominal_experts = 2 * pc.experts_active if cfg.num_experts else 0
+        per_block = (pc.flops_per_token - head - nominal_experts) / cfg.n_layers
+        flops -= sum((1 - f) * per_block for f in m.depth_fractions.values())
+    return flops
 
 
 @dataclass
@@ -284,7 +311,9 @@ def run_leaderboard(
         meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget}
         started = (run_dir / "checkpoint" / "model.safetensors").is_file()
         old = read_meta(run_dir) if started else {}
-        if started and (old["model"] != cfg.to_dict() or old["train"] != train_cfg.to_dict()):
+        same = started and (LMConfig.from_dict(old["model"]) == cfg  # fields added since fill in their defaults
+                            and TrainConfig.from_dict(old["train"]) == train_cfg)
+        if started and not same:
             raise FileExistsError(
                 f"{run_dir} holds a run of another model or training config (budget, seed); remove it or choose "
                 "another --out"
@@ -303,6 +332,7 @@ def run_leaderboard(
             "tokens_per_s": _tokens_per_s(run_dir), "train_seconds": seconds if not done else None,
             "active_experts": m.active_experts, "load_max_over_mean": m.load_max_over_mean, "load_cv": m.load_cv,
             "dropped_frac": m.dropped_frac, "expert_domain_mi_bits": m.expert_domain_mi,
+            "depth_processed": {str(j): f for j, f in m.depth_fractions.items()} or None,
             "active_flops_per_token": active_flops(cfg, m),
             "params_total": sum(p.numel() for p in model.parameters()),  # shared tensors (WideNet, ties) once
             "history": read_jsonl(run_dir / "eval.jsonl"),

@@ -127,6 +127,12 @@ def hf_config_for(lm_config: Any, family: str) -> Any:
         reasons.append("capacity_factor drops tokens; transformers' MoE blocks are dropless")
     if getattr(cfg, "moe_iterations", 1) != 1:
         reasons.append("moe_iterations > 1 (Chain-of-Experts) has no transformers equivalent")
+    if getattr(cfg, "mod_capacity", 1.0) < 1:
+        reasons.append("mod_capacity < 1 (mixture-of-depths blocks) has no transformers equivalent")
+    if getattr(cfg, "share_blocks", False):
+        reasons.append("share_blocks (WideNet) has no transformers equivalent")
+    if getattr(cfg, "experts", "ffn") != "ffn":
+        reasons.append(f"experts={cfg.experts!r} is not a standard feed-forward expert")
     if cfg.num_shared_experts and spec.shared_count_key is None:
         reasons.append(f"{family} has no shared experts; the model has {cfg.num_shared_experts}")
     if cfg.shared_gate and fam.shared_gate is None:

@@ -48,6 +48,12 @@ class LMConfig:
     experts: str = "ffn"  # routed experts variant: "ffn" | "film" | "smear" | "duo" | "autonomy" (layers.variants)
     experts_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the experts variant
     share_blocks: bool = False  # WideNet: all blocks reuse block 0's attention and FFN/MoE; norms stay per block
+    # Mixture-of-Depths (Raposo et al. 2024): in every mod_every-th block a router lets tokens skip the block
+    mod_capacity: float = 1.0  # fraction of each sequence's tokens a routed block processes (1.0 = off)
+    mod_every: int = 2  # route blocks mod_every-1, 2*mod_every-1, ... (2: every other block, the paper's choice)
+    mod_gate: str = "sigmoid"  # how the router score scales the block's update: "sigmoid" | "linear" (paper: r)
+    mod_causal: str = "aux_loss"  # per-token decision at inference: "aux_loss" (router logit) | "predictor" (MLP)
+    mod_aux_weight: float = 0.01  # weight of the binary cross-entropy loss that trains the causal decision
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -65,6 +71,7 @@ class LMConfig:
             "ffn_hidden",
             "expert_hidden",
             "moe_every",
+            "mod_every",
         ):
             positive(name)
         if self.dim % self.n_heads:
@@ -101,6 +108,8 @@ class LMConfig:
             raise ValueError(
                 "LMConfig.moe_iterations > 1 (Chain-of-Experts) supports neither capacity_factor nor shared_gate"
             )
+        if self.moe_iterations > 1 and self.experts == "hecto":
+            raise ValueError("LMConfig: experts='hecto' keeps a recurrent state per layer; use moe_iterations=1")
         if self.share_blocks and (self.first_k_dense or self.moe_every != 1):
             raise ValueError("LMConfig.share_blocks=True (WideNet) needs first_k_dense=0 and moe_every=1")
         from moekit.layers.variants import EXPERTS_VARIANTS
@@ -109,12 +118,43 @@ class LMConfig:
             raise ValueError(f"LMConfig.experts must be one of {list(EXPERTS_VARIANTS)}, got {self.experts!r}")
         if not isinstance(self.experts_args, dict):
             raise ValueError(f"LMConfig.experts_args must be a dict, got {type(self.experts_args).__name__}")
+        self._check_depth()
         if not isinstance(self.router_args, dict):
             raise ValueError(f"LMConfig.router_args must be a dict, got {type(self.router_args).__name__}")
         if self.num_experts:
             from moekit.routing import get_router
 
             get_router(self.router)  # unknown names list the known ones
+
+    def _check_depth(self) -> None:
+        from moekit.models.depth import MOD_CAUSAL, MOD_GATES
+
+        c = self.mod_capacity
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c <= 1:
+            raise ValueError(f"LMConfig.mod_capacity must be in (0, 1] (1 = no mixture-of-depths), got {c!r}")
+        if self.mod_gate not in MOD_GATES:
+            raise ValueError(f"LMConfig.mod_gate must be one of {list(MOD_GATES)}, got {self.mod_gate!r}")
+        if self.mod_causal not in MOD_CAUSAL:
+            raise ValueError(f"LMConfig.mod_causal must be one of {list(MOD_CAUSAL)}, got {self.mod_causal!r}")
+        if not self.mod_aux_weight >= 0:
+            raise ValueError(f"LMConfig.mod_aux_weight must be >= 0, got {self.mod_aux_weight!r}")
+        if c < 1 and not any(self.is_depth_layer(i) for i in range(self.n_layers)):
+            raise ValueError(
+                f"LMConfig: mod_capacity={c} routes blocks mod_every-1, 2*mod_every-1, ... but mod_every="
+                f"{self.mod_every} > n_layers={self.n_layers} leaves none"
+            )
+        if c < 1 and self.num_experts:
+            # routers that need whole sequences or the previous layer's per-token state, and experts that keep
+            # a per-sequence recurrent state, do not fit a block that sees a varying subset of the tokens
+            needs_sequence = {"recurrent": "the previous layer's state per token", "smear": "whole sequences",
+                              "graph_of_tokens": "whole sequences"}
+            if self.router in needs_sequence:
+                raise ValueError(
+                    f"LMConfig: router {self.router!r} needs {needs_sequence[self.router]}, which a mixture-of-depths "
+                    "block (mod_capacity < 1) does not give it"
+                )
+            if self.experts in ("hecto", "smear"):
+                raise ValueError(f"LMConfig: experts={self.experts!r} cannot be used with mod_capacity < 1")
 
     @property
     def head_dim(self) -> int:
@@ -124,6 +164,10 @@ class LMConfig:
     def is_moe_layer(self, i: int) -> bool:
         """Whether block i has an MoE feed-forward."""
         return self.num_experts > 0 and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_every == 0
+
+    def is_depth_layer(self, i: int) -> bool:
+        """Whether block i is a mixture-of-depths block (a router decides which tokens it processes)."""
+        return self.mod_capacity < 1 and (i + 1) % self.mod_every == 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""

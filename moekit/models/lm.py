@@ -14,6 +14,7 @@ from moekit.layers import MLP, MoE
 from moekit.layers.chain import ChainMoE
 from moekit.layers.variants import build_experts
 from moekit.models.config import LMConfig
+from moekit.models.depth import DepthRouter, gather_selected
 from moekit.routing import Routing, build_router
 
 
@@ -42,6 +43,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0  # positions filled
+        # mixture-of-depths blocks: keys cached per sequence ([B] counts; the block processed only some tokens)
+        self.depth_len: dict[int, Tensor] = {}
+        # per-layer recurrent states of modules that carry one across calls (Hecto's GRU expert),
+        # keyed by (block index, name); each module owns its entries
+        self.states: dict[tuple[int, str], Tensor] = {}
 
 
 class Attention(nn.Module):
@@ -60,8 +66,8 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd if per_head else cfg.n_heads * hd, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(hd if per_head else cfg.n_kv_heads * hd, eps=cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]; with a cache, x holds positions cache.length .. cache.length+L-1."""
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, L, D], cos/sin: [L, hd] or per sequence [B, L, hd] -> q [B, H, L, hd], k and v [B, KV, L, hd]."""
         B, L, _ = x.shape
         cfg = self.cfg
         q, k = self.q_proj(x), self.k_proj(x)  # [B, L, H*hd], [B, L, KV*hd]
@@ -73,7 +79,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, hd], [B, KV, L, hd]
         v = self.v_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.dim() == 3:  # per-sequence positions (mixture-of-depths subsets): broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o: Tensor) -> Tensor:
+        """Attention output [B, H, L, hd] -> [B, L, D]."""
+        B, _, L, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, self.cfg.n_heads * self.cfg.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]; with a cache, x holds positions cache.length .. cache.length+L-1."""
+        L = x.shape[1]
+        q, k, v = self.qkv(x, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -84,7 +102,42 @@ class Attention(nn.Module):
             # query i (absolute position start+i) sees keys 0..start+i
             mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
+        return self.out(out)
+
+    def forward_subset(
+        self, x: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        """Causal attention among a subset of each sequence's tokens (a mixture-of-depths block).
+
+        x: [B, K, D], the selected tokens in time order, padded at the end; cos/sin: [B, K, hd] at their
+        positions; valid: [B, K] (False = padding, whose output is garbage and must be discarded). With a
+        cache, the keys of the tokens this block processed before (their number per sequence is
+        `cache.depth_len[layer]`) come first and the valid new keys are appended after them."""
+        B, K, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is None:
+            if bool(valid.all()):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                return self.out(out)
+            before = torch.ones(K, K, dtype=torch.bool, device=x.device).tril()
+            mask = before[None] & valid[:, None, :]  # [B, K, K]: earlier valid keys
+            k_all, v_all = k, v
+        else:
+            old = cache.depth_len.get(layer)
+            old = torch.zeros(B, dtype=torch.long, device=x.device) if old is None else old
+            slots = old[:, None] + torch.arange(K, device=x.device)[None, :]  # [B, K]: cache slot of each token
+            b_i, j_i = valid.nonzero(as_tuple=True)
+            cache.k[layer][b_i, :, slots[b_i, j_i]] = k[b_i, :, j_i]
+            cache.v[layer][b_i, :, slots[b_i, j_i]] = v[b_i, :, j_i]
+            new = old + valid.sum(dim=1)
+            cache.depth_len[layer] = new
+            S = int(new.max())
+            s = torch.arange(S, device=x.device)
+            mask = (s[None, None, :] <= slots[:, :, None]) & (s[None, None, :] < new[:, None, None])  # [B, K, S]
+            k_all, v_all = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+        mask = mask | (torch.arange(mask.shape[-1], device=x.device) == 0)  # padding rows never see no key
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
+        return self.out(out)
 
 
 def routed_experts(cfg: LMConfig) -> nn.Module:
@@ -122,7 +175,8 @@ def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(x)). A mixture-of-depths block
+    (`LMConfig.mod_capacity` < 1) also has a `depth_router` and updates only the tokens it selects."""
 
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
@@ -131,6 +185,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = build_ffn(cfg, layer)
+        self.depth_router = None
+        if cfg.is_depth_layer(layer):
+            self.depth_router = DepthRouter(
+                dim=cfg.dim, capacity=cfg.mod_capacity, gate=cfg.mod_gate, causal=cfg.mod_causal,
+                aux_weight=cfg.mod_aux_weight,
+            )
 
     def share_from(self, other: Block) -> None:
         """Use `other`'s attention and feed-forward, keep this block's norms (WideNet, Xue et al. 2022).
@@ -140,14 +200,61 @@ class Block(nn.Module):
         object.__setattr__(self, "mlp", other.mlp)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict
-    ) -> tuple[Tensor, Routing | None]:
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict, selection: str = "topk"
+    ) -> BlockOutput:
+        """x: [B, L, D], cos/sin [L, hd] of its positions -> BlockOutput. `selection` ("topk" | "causal") is
+        how a mixture-of-depths block picks its tokens."""
+        if self.depth_router is not None:
+            return self._forward_depth(x, cos, sin, cache, state, selection)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer)
-        h = self.post_attention_layernorm(x)
+        y, routing = self._ffn(self.post_attention_layernorm(x), state, cache)
+        return BlockOutput(x + y, routing)
+
+    def _ffn(self, h: Tensor, state: dict, cache: KVCache | None) -> tuple[Tensor, Routing | None]:
         if isinstance(self.mlp, MoE | ChainMoE):
-            y, routing = self.mlp(h, state=state)
-            return x + y, routing
-        return x + self.mlp(h), None
+            return self.mlp(h, state={**state, "layer": self.layer, "cache": cache})
+        return self.mlp(h), None
+
+    def _forward_depth(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict, selection: str
+    ) -> BlockOutput:
+        """Mixture-of-depths: attention and feed-forward over the selected tokens only, their update scaled by
+        the router's gate and added back; the other tokens pass unchanged."""
+        B, L, D = x.shape
+        selected, gate, aux = self.depth_router(x, selection)
+        idx, valid, counts = gather_selected(selected)  # [B, K] positions in time order, padded
+        K = idx.shape[1]
+        if K == 0:  # no token of any sequence enters this block
+            return BlockOutput(x, None, selected, aux)
+        take = idx[..., None].expand(B, K, D)
+        xs = x.gather(1, take)  # [B, K, D]
+        a = self.self_attn.forward_subset(self.input_layernorm(xs), cos[idx], sin[idx], valid, cache, self.layer)
+        h = self.post_attention_layernorm(xs + a)
+        sub = {k: v for k, v in state.items() if k not in ("token_ids", "prev")}
+        ids = state.get("token_ids")
+        if bool(valid.all()):  # top-k selection: the same count in every sequence, a [B, K] batch
+            if ids is not None:
+                sub["token_ids"] = ids.gather(1, idx)
+            y, routing = self._ffn(h, sub, cache)
+        else:  # the valid tokens only, flattened to [N, D]
+            if ids is not None:
+                sub["token_ids"] = ids.gather(1, idx)[valid]
+            y_valid, routing = self._ffn(h[valid], sub, cache)
+            y = h.new_zeros(B, K, D)
+            y[valid] = y_valid
+        g = gate.gather(1, idx) * valid  # [B, K]; padding rows add nothing
+        update = (a + y) * g[..., None].to(x.dtype)
+        return BlockOutput(x.scatter_add(1, take, update), routing, selected, aux)
+
+
+@dataclass
+class BlockOutput:
+    """What a block returns: the new hidden states, its MoE routing, and its mixture-of-depths decisions."""
+
+    x: Tensor  # [B, L, D]
+    routing: Routing | None = None  # None for dense blocks (and MoD blocks that processed no token)
+    selected: Tensor | None = None  # [B, L] bool: tokens a mixture-of-depths block processed (None: all)
+    depth_aux: Tensor | None = None  # the mixture-of-depths causal-decision loss (training selection only)
 
 
 @dataclass
@@ -158,6 +265,8 @@ class LMOutput:
     loss: Tensor | None = None  # mean next-token cross-entropy (when targets were given)
     aux_loss: Tensor | None = None  # sum of every MoE layer's auxiliary losses (None for dense models)
     routings: list[Routing | None] = field(default_factory=list)  # per block; None for dense blocks
+    # per block: [B, L] bool of the tokens a mixture-of-depths block processed; None for ordinary blocks
+    depth: list[Tensor | None] = field(default_factory=list)
 
 
 class MoELM(nn.Module):
@@ -200,9 +309,14 @@ class MoELM(nn.Module):
         *,
         targets: Tensor | None = None,
         cache: KVCache | None = None,
+        depth_selection: str | None = None,
     ) -> LMOutput:
         """input_ids: [B, L] -> LMOutput (logits [B, L, V]; loss when targets [B, L] are given,
-        ignoring target -100). With a cache, the ids continue the cached sequence."""
+        ignoring target -100). With a cache, the ids continue the cached sequence.
+
+        depth_selection (mixture-of-depths models): "topk" (each routed block takes the top
+        capacity x L tokens of each sequence; not causal) or "causal" (per-token decisions, what
+        generation uses); default "topk" in training mode without a cache, else "causal"."""
         if input_ids.dim() != 2:
             raise ValueError(f"MoELM: expected input_ids [B, L], got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
@@ -211,24 +325,36 @@ class MoELM(nn.Module):
             raise ValueError(f"MoELM: sequence of {start + L} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
             raise ValueError(f"MoELM: token ids must be in [0, {self.config.vocab_size})")
+        if depth_selection is None:
+            depth_selection = "topk" if self.training and cache is None else "causal"
+        if depth_selection not in ("topk", "causal"):
+            raise ValueError(f"MoELM: depth_selection must be 'topk' or 'causal', got {depth_selection!r}")
+        if depth_selection == "topk" and cache is not None and self.config.mod_capacity < 1:
+            raise ValueError("MoELM: top-k depth selection is not causal; a KV-cached forward needs 'causal'")
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]
         x = self.embed_tokens(input_ids)  # [B, L, D]
         state = {"token_ids": input_ids}
         routings: list[Routing | None] = []
+        depth: list[Tensor | None] = []
+        aux = []
         for block in self.layers:
-            x, routing = block(x, cos, sin, cache, state)
-            routings.append(routing)
-            if routing is not None and routing.state is not None:
-                state = {**state, "prev": routing.state}
+            o = block(x, cos, sin, cache, state, depth_selection)
+            x = o.x
+            routings.append(o.routing)
+            depth.append(o.selected)
+            if o.depth_aux is not None:
+                aux.append(o.depth_aux)
+            if o.routing is not None and o.routing.state is not None:
+                state = {**state, "prev": o.routing.state}
         if cache is not None:
             cache.length += L
         logits = self.lm_head(self.norm(x))  # [B, L, V]
-        aux = [r.total_aux() for r in routings if r is not None]
+        aux += [r.total_aux() for r in routings if r is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss, routings=routings)
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss, routings=routings, depth=depth)
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty KV cache for `batch` sequences."""

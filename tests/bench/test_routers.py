@@ -16,7 +16,7 @@ from moekit.routing import list_routers
 
 # CI trains a representative subset end to end (dense, capacity, null slots, chain, two experts variants);
 # test_every_entry_trains_one_step covers the other entries' models without the data pipeline.
-SMOKE_SUBSET = ["dense", "topk", "switch", "null_experts", "chain", "smear", "duo"]
+SMOKE_SUBSET = ["dense", "topk", "switch", "null_experts", "chain", "smear", "duo", "mixture_of_depths"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,12 @@ def test_smoke_leaderboard_writes_table_json_and_plots(smoke):
     assert rows["null_experts"]["active_experts"] < 2.0
     assert rows["duo"]["active_experts"] <= 1.0 and rows["smear"]["active_experts"] == pytest.approx(4.0)
     assert rows["topk"]["load_max_over_mean"] >= 1.0
+    # mixture-of-depths: block 1 of 2 is routed; its FLOPs shrink with the share of tokens it processed
+    mod = rows["mixture_of_depths"]
+    assert list(mod["depth_processed"]) == ["1"] and 0 <= mod["depth_processed"]["1"] <= 1
+    if mod["depth_processed"]["1"] < 1:
+        assert mod["active_flops_per_token"] < rows["topk"]["active_flops_per_token"]
+    assert rows["topk"]["depth_processed"] is None
     # equal nominal compute: dense and top-2 differ only by the router
     assert rows["dense"]["active_flops_per_token"] == pytest.approx(rows["topk"]["active_flops_per_token"], rel=0.05)
 

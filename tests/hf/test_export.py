@@ -86,6 +86,9 @@ def test_inexpressible_models_list_every_reason():
         hf_config_for(LMConfig(**{**BASE, "n_layers": 4}, router="deepseek", first_k_dense=1, moe_every=2), "glm4_moe")
     with pytest.raises(ExportError, match="known: deepseek_v3, glm4_moe, mixtral, olmoe, qwen3_moe"):
         hf_config_for(LMConfig(**BASE), "gpt2")
+    moekit_only = LMConfig(**BASE, mod_capacity=0.5, share_blocks=True, experts="film")
+    with pytest.raises(ExportError, match="mixture-of-depths.*WideNet.*experts='film'"):
+        hf_config_for(moekit_only, "mixtral")
 
 
 @pytest.mark.parametrize("qk_norm", ["head", "full"])
