@@ -63,7 +63,7 @@ BUDGETS: dict[str, Budget] = {
     "smoke": Budget(steps=3, batch_size=2, seq_len=16, lr=3e-3, vocab_size=320, max_chars_per_domain=60_000,
                     dim=32, n_layers=2, n_heads=2, n_kv_heads=1, num_experts=4, expert_hidden=16,
                     eval_every=3, eval_windows=2, minutes_2_cores=0.5),
-    # about 30 minutes on 2 quiet CPU cores for all 24 entries: measured ~0.25 s per step of this model
+    # about 30 minutes on 2 quiet CPU cores for all 27 entries: measured ~0.25 s per step of this model
     # (2048 tokens) -> ~65 s of training + evaluation per top-2 entry; SMEAR's per-token merge and
     # SMoE-Dropout's growing k cost 2-3x that; plus building the tokenizer once
     "small": Budget(steps=250, batch_size=16, seq_len=128, lr=3e-3, vocab_size=4096, max_chars_per_domain=1_000_000,
@@ -124,6 +124,9 @@ ENTRIES: dict[str, Entry] = {
     "hecto": Entry("topk", {"k": 1}, expert_scale=2, model={"experts": "hecto", "num_experts": 2},
                    note="Hecto: top-1 between an FFN expert of width 2F and a GRU expert (hidden D) that sees only "
                         "its own tokens"),
+    "hecto_baseline": Entry("topk", {"k": 1}, expert_scale=2, model={"num_experts": 2},
+                            note="Hecto's homogeneous baseline: the same top-1 routing between two FFN experts of "
+                                 "width 2F"),
     "mixture_of_depths": Entry("topk", {"k": 2}, model={"mod_capacity": 0.125},
                                note="Mixture-of-Depths on top-2 MoE blocks: blocks 1 and 3 process 12.5% of each "
                                     "sequence (top-k in training, causal per-token decisions in evaluation)"),
