@@ -84,6 +84,7 @@ class Entry:
     router_args: dict[str, Any] = field(default_factory=dict)
     expert_scale: int = 1  # expert width = scale * F (k = 1 routers use 2F to keep the active FLOPs)
     model: dict[str, Any] = field(default_factory=dict)  # other LMConfig overrides
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (e.g. THOR's consistency)
     note: str = ""  # shown in the table
 
 
@@ -100,8 +101,9 @@ ENTRIES: dict[str, Entry] = {
     "attention": Entry("attention", {"k": 2}),
     "recurrent": Entry("recurrent", {"k": 2, "hidden": 32}, note="GRU state of width 32 (RMoE keeps it small)"),
     "mixture_of_routers": Entry("mixture_of_routers", {"k": 2, "num_routers": 4}),
-    "stochastic": Entry("stochastic", {"k": 1}, expert_scale=2,
-                        note="THOR routing; the consistency regulariser needs two passes and is not applied here"),
+    "stochastic": Entry("stochastic", {"k": 1}, expert_scale=2, train={"consistency": 1.0},
+                        note="THOR: random top-1 over experts of width 2F, two passes per batch with the consistency "
+                             "regulariser (alpha 1; twice the training FLOPs, tok/s counts one pass)"),
     "smoe_dropout": Entry("smoe_dropout", {"k_start": 1, "eval_k": 2},
                           note="k grows 1 -> E in training (more training FLOPs); evaluated at k = 2"),
     "moec": Entry("moec", {"k": 2, "cluster_size": 2}),
@@ -301,7 +303,7 @@ def run_leaderboard(
     out.mkdir(parents=True, exist_ok=True)
     data_cfg = DataConfig(vocab_size=b.vocab_size, max_chars_per_domain=b.max_chars_per_domain, seed=seed)
     data = prepare_data(data_cfg, progress=progress)
-    train_cfg = TrainConfig(
+    base_train = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=b.seq_len, lr=b.lr, warmup_steps=max(1, b.steps // 20),
         eval_every=b.eval_every, eval_windows=b.eval_windows, ckpt_every=b.steps, log_every=1, seed=seed,
     )
@@ -310,6 +312,7 @@ def run_leaderboard(
     for name in names:
         entry = ENTRIES[name]
         cfg = model_config(entry, b, data.vocab_size)
+        train_cfg = dataclasses.replace(base_train, **entry.train)
         run_dir = out / "runs" / name
         meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget}
         started = (run_dir / "checkpoint" / "model.safetensors").is_file()

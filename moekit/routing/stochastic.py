@@ -13,9 +13,8 @@ experts.
 
 This file holds the router and the regulariser. The regulariser needs two forward passes of the
 whole model, so it is not an auxiliary loss of the routing: `thor_objective(forward, targets,
-alpha)` returns L for any `forward()` that returns next-token logits (see docs/routing.md). The
-standard training loop (`moekit.train`) does a single pass and so trains THOR without the
-regulariser unless you use `thor_objective` in your own loop.
+alpha)` returns L for any `forward()` that returns next-token logits (see docs/routing.md), and
+moekit's trainer applies it with `TrainConfig(consistency=alpha)` (`--set consistency=1.0`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ class TrainConfig:
     ckpt_every: int = 100  # checkpoint every n steps (and at the end, and on Ctrl-C)
     log_every: int = 10  # write a train log line every n steps
     seed: int = 0  # seeds model init, data order and router noise
+    # THOR (Zuo et al. 2022): > 0 runs two forward passes per micro-batch (independent random routing draws) and
+    # trains on their mean cross-entropy + consistency x symmetric KL between their predictions
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -48,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if isinstance(self.consistency, bool) or not isinstance(self.consistency, int | float) or self.consistency < 0:
+            raise ValueError(f"TrainConfig.consistency must be a number >= 0, got {self.consistency!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
 

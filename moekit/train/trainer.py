@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from moekit.models import LMConfig, MoELM
+from moekit.models.lm import LMOutput
+from moekit.routing.stochastic import consistency_loss
 from moekit.train.checkpoint import load_model, load_trainer_state, read_meta, save_checkpoint
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import EvalResult, evaluate
@@ -50,6 +52,20 @@ def make_optimizer(model: MoELM, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def micro_batch_loss(model: MoELM, x: Tensor, y: Tensor, consistency: float) -> tuple[Tensor, Tensor, Tensor, LMOutput]:
+    """(cross-entropy, auxiliary loss, consistency term, the last LMOutput) of one micro-batch.
+
+    consistency > 0 (THOR, Zuo et al. 2022): two forward passes with independent random routing draws; the
+    cross-entropy and auxiliary losses are the means of the two, the consistency term is the symmetric KL
+    between their next-token distributions (`moekit.routing.stochastic.consistency_loss`)."""
+    outs = [model(x, targets=y) for _ in range(2 if consistency else 1)]
+    ce = torch.stack([o.loss for o in outs]).mean()
+    auxes = [o.aux_loss for o in outs if o.aux_loss is not None]
+    aux = torch.stack(auxes).mean() if auxes else ce.new_zeros(())
+    cons = consistency_loss(outs[0].logits, outs[1].logits) if consistency else ce.new_zeros(())
+    return ce, aux, cons, outs[-1]
 
 
 def load_balance_stat(routings: list) -> float:
@@ -188,14 +204,14 @@ def train(
                 )
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss_sum, aux_sum, balance = 0.0, 0.0, float("nan")
+                loss_sum, aux_sum, cons_sum, balance = 0.0, 0.0, 0.0, float("nan")
                 for _ in range(train_cfg.grad_accum):
                     x, y, _labels = train_data.sample_batch(train_cfg.batch_size, train_cfg.seq_len, data_gen)
-                    out = model(x, targets=y)
-                    loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-                    (loss / train_cfg.grad_accum).backward()
-                    loss_sum += float(out.loss.detach()) / train_cfg.grad_accum
-                    aux_sum += float(out.aux_loss.detach()) / train_cfg.grad_accum if out.aux_loss is not None else 0.0
+                    ce, aux, cons, out = micro_batch_loss(model, x, y, train_cfg.consistency)
+                    ((ce + aux + train_cfg.consistency * cons) / train_cfg.grad_accum).backward()
+                    loss_sum += float(ce.detach()) / train_cfg.grad_accum
+                    aux_sum += float(aux.detach()) / train_cfg.grad_accum
+                    cons_sum += float(cons.detach()) / train_cfg.grad_accum
                     balance = load_balance_stat(out.routings)
                 if train_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
@@ -214,6 +230,8 @@ def train(
                         "tokens_per_s": tps,
                         "load_max_over_mean": balance,
                     }
+                    if train_cfg.consistency:
+                        row["consistency"] = cons_sum
                     train_log.append(row)
                     _append_jsonl(train_log_path, row)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -167,3 +169,37 @@ def test_bad_train_config():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown fields"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+def test_thor_consistency_two_passes(tmp_path):
+    """consistency > 0: mean CE of two passes + alpha x symmetric KL. A deterministic router makes the passes
+    identical (KL 0 with zero gradient), so training equals the one-pass run; random routing gives KL > 0."""
+    run(tmp_path / "one", 3)
+    run(tmp_path / "two", 3, consistency=2.0)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "train.jsonl").read_text().splitlines()]
+    assert all(r["consistency"] == 0.0 for r in rows)  # bit-identical passes
+    thor = MODEL.replace(router="stochastic", router_args={"k": 1})
+    run(tmp_path / "thor", 3, model=thor, consistency=1.0)
+    rows = [json.loads(line) for line in (tmp_path / "thor" / "train.jsonl").read_text().splitlines()]
+    assert all(r["consistency"] > 1e-7 for r in rows)  # small at init: the experts start out alike
+    with pytest.raises(ValueError, match="consistency"):
+        TrainConfig(consistency=-1.0)
+
+
+def test_micro_batch_loss_matches_thor_objective():
+    from moekit.models import MoELM
+    from moekit.routing.stochastic import thor_objective
+    from moekit.train.trainer import micro_batch_loss
+
+    model = MoELM(MODEL.replace(router="stochastic", router_args={"k": 1})).train()
+    x = torch.randint(0, 32, (2, 8))
+    torch.manual_seed(7)
+    ce, aux, cons, _ = micro_batch_loss(model, x, x, 1.5)
+    torch.manual_seed(7)
+    want, parts = thor_objective(lambda: model(x).logits, x, alpha=1.5)
+    torch.testing.assert_close(ce + 1.5 * cons, want)
+    torch.testing.assert_close(cons, parts["consistency"])
+    assert float(aux) == 0.0  # THOR's router has no auxiliary loss
