@@ -18,6 +18,7 @@ class LayerRouting:
     weights: np.ndarray  # [N, k] float
     seq: np.ndarray  # [N] sequence index
     token: np.ndarray  # [N] token id
+    pos: np.ndarray  # [N] position in its sequence (a mixture-of-depths layer holds only the tokens it processed)
 
 
 class Trace:
@@ -53,7 +54,7 @@ class Trace:
 
     def _read_layer(self, layer: int) -> LayerRouting:
         res = self.con.execute(
-            "SELECT seq, token, expert, weight FROM trace WHERE layer = ? ORDER BY seq, pos, slot", [layer]
+            "SELECT seq, pos, token, expert, weight FROM trace WHERE layer = ? ORDER BY seq, pos, slot", [layer]
         ).fetchnumpy()
         k = self.k
         n = len(res["seq"]) // k
@@ -62,6 +63,7 @@ class Trace:
             weights=np.asarray(res["weight"], dtype=np.float32).reshape(n, k),
             seq=np.asarray(res["seq"])[::k],
             token=np.asarray(res["token"])[::k],
+            pos=np.asarray(res["pos"])[::k],
         )
 
 

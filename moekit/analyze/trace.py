@@ -80,33 +80,35 @@ class RoutingRecorder:
         return np.array([table.setdefault(v, len(table)) for v in values], dtype=np.int32)
 
     def hook(self, layer: int):
-        def fn(module: MoE, args, output) -> None:
+        def fn(module: MoE, args, kwargs, output) -> None:
             if self.batch is None:
                 return
             routing: Routing = output[1]
             ids = self.batch.ids
             B, L = ids.shape
             T, k = routing.expert_ids.shape
-            if T != B * L:
-                raise RuntimeError(
-                    f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L} (mixture-of-depths blocks, "
-                    "mod_capacity < 1, route a subset of the tokens and cannot be traced)"
-                )
+            if T == B * L:
+                t = np.arange(T)
+            else:  # a mixture-of-depths block routes a subset of the tokens and says which ones
+                state = kwargs.get("state") or {}
+                index = state.get("token_index")
+                if not isinstance(index, torch.Tensor) or index.numel() != T:
+                    raise RuntimeError(f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L}")
+                t = index.cpu().numpy()
             logits = routing.logits.float()
             probs = torch.softmax(logits, dim=-1)
             p_top1 = probs.amax(dim=-1)  # [T]
             ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
             if self.record_outputs:
-                x = args[0].reshape(T, -1)
+                x = (args[0] if args else kwargs["x"]).reshape(T, -1)
                 absmax = expert_output_absmax(module.experts, x, routing).reshape(-1).cpu().numpy()
             else:
                 absmax = np.full(T * k, np.nan, dtype=np.float32)
-            t = np.arange(T)
             row = {
                 "layer": np.full(T * k, layer, dtype=np.int16),
                 "seq": np.repeat(self.batch.seq0 + t // L, k).astype(np.int32),
                 "pos": np.repeat(t % L, k).astype(np.int32),
-                "token": np.repeat(ids.reshape(-1).cpu().numpy(), k).astype(np.int32),
+                "token": np.repeat(ids.reshape(-1).cpu().numpy()[t], k).astype(np.int32),
                 "slot": np.tile(np.arange(k, dtype=np.int8), T),
                 "expert": routing.expert_ids.reshape(-1).cpu().numpy().astype(np.int16),
                 "weight": routing.weights.detach().float().reshape(-1).cpu().numpy(),
@@ -115,7 +117,7 @@ class RoutingRecorder:
                 "out_absmax": absmax.astype(np.float32),
             }
             for col, vals in self.batch.labels.items():
-                row[col] = np.repeat(self.label_codes(col, vals), L * k)
+                row[col] = np.repeat(self.label_codes(col, vals)[t // L], k)
             self.rows.append(row)
 
         return fn
@@ -128,7 +130,7 @@ def recording(model: nn.Module, record_outputs: bool = False) -> Iterator[Routin
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moekit MoE layers to trace (patch a Hugging Face model first)")
     rec = RoutingRecorder(record_outputs=record_outputs)
-    handles = [mod.register_forward_hook(rec.hook(idx)) for idx, _, mod in layers]
+    handles = [mod.register_forward_hook(rec.hook(idx), with_kwargs=True) for idx, _, mod in layers]
     try:
         yield rec
     finally:

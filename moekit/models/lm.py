@@ -232,13 +232,16 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(xs + a)
         sub = {k: v for k, v in state.items() if k not in ("token_ids", "prev")}
         ids = state.get("token_ids")
+        flat_index = torch.arange(B, device=x.device)[:, None] * L + idx  # [B, K]: row in the [B*L] batch
         if bool(valid.all()):  # top-k selection: the same count in every sequence, a [B, K] batch
             if ids is not None:
                 sub["token_ids"] = ids.gather(1, idx)
+            sub["token_index"] = flat_index.reshape(-1)  # which of the B*L tokens each routed row is (for traces)
             y, routing = self._ffn(h, sub, cache)
         else:  # the valid tokens only, flattened to [N, D]
             if ids is not None:
                 sub["token_ids"] = ids.gather(1, idx)[valid]
+            sub["token_index"] = flat_index[valid]
             y_valid, routing = self._ffn(h[valid], sub, cache)
             y = h.new_zeros(B, K, D)
             y[valid] = y_valid

@@ -155,3 +155,20 @@ def test_behaviour_experts_significance(tmp_path):
         behaviour_experts(tr, "label", "A", "C")
     z, p = two_proportion_p(50, 100, 50, 100)
     assert z == 0 and p == 1.0
+
+
+def test_affinity_pairs_tokens_by_position_when_a_layer_routes_a_subset(tmp_path):
+    # layer 0 routes positions 0..3 (experts 0, 0, 1, 1); a mixture-of-depths layer 1 routes positions 1 and 2 only
+    cols = {
+        "layer": np.array([0, 0, 0, 0, 1, 1]),
+        "seq": np.zeros(6, dtype=np.int64),
+        "pos": np.array([0, 1, 2, 3, 1, 2]),
+        "slot": np.zeros(6, dtype=np.int64),
+        "expert": np.array([0, 0, 1, 1, 2, 3]),
+        "token": np.arange(6) % 7,
+    }
+    tr = Trace(write_trace(cols, tmp_path / "mod.parquet"))
+    aff = interlayer_affinity(tr)["0->1"]
+    assert aff["tokens"] == 2
+    # pairs by position: (0 -> 2) at pos 1, (1 -> 3) at pos 2 (row order would give 0 -> 2 and 0 -> 3)
+    assert aff["conditional"][0][2] == 1.0 and aff["conditional"][1][3] == 1.0 and aff["score"] == pytest.approx(1.0)

@@ -132,3 +132,28 @@ def test_analysis_of_a_patched_hugging_face_model(tmp_path):
     r0 = routings(model)[0]
     tr = Trace(tmp_path / "out" / "trace.parquet")
     np.testing.assert_array_equal(tr.layer(0).experts, r0.expert_ids.numpy())
+
+
+def test_trace_of_mixture_of_depths_blocks_keeps_the_processed_tokens(tmp_path):
+    torch.manual_seed(1)
+    cfg = CFG.replace(first_k_dense=0, n_layers=4, mod_capacity=0.5)
+    model = MoELM(cfg).eval()
+    with torch.no_grad():  # make the causal decisions differ between sequences
+        model.layers[1].depth_router.weight.mul_(10)
+    info = capture(model, batches(), tmp_path / "t.parquet", progress=False, record_outputs=True)
+    tr = Trace(info.path)
+    ids = torch.cat([b[0] for b in batches()])
+    with torch.no_grad():
+        out = model(ids)
+    sel = out.depth[1].reshape(-1)
+    assert 0 < int(sel.sum()) < sel.numel()  # block 1 processed some tokens, not all
+    for layer in (0, 1, 2, 3):
+        r = tr.layer(layer)
+        np.testing.assert_array_equal(r.experts, out.routings[layer].expert_ids.numpy())
+        want = ids.reshape(-1) if out.depth[layer] is None else ids.reshape(-1)[out.depth[layer].reshape(-1)]
+        np.testing.assert_array_equal(r.token, want.numpy())
+    rows = tr.sql("SELECT seq * 8 + pos FROM trace WHERE layer = 1 AND slot = 0 ORDER BY seq, pos").fetchnumpy()
+    np.testing.assert_array_equal(next(iter(rows.values())), sel.nonzero().squeeze(-1).numpy())
+    labels = tr.sql("SELECT label, count(*) FROM trace WHERE layer = 1 GROUP BY 1 ORDER BY 1").fetchall()
+    even = int(out.depth[1][[0, 1, 4, 5]].sum()) * 2  # batches 0 and 2 are "even"; k = 2 rows per token
+    assert labels[0] == ("even", even)

@@ -43,19 +43,24 @@ def interlayer_affinity(trace: Trace) -> dict[str, dict]:
 
     the expected share of a token's next-layer choices that fall in the k most likely successors
     of its current choice (k/E for routing independent across layers, 1.0 when the successor set is
-    determined). Also `lift` = A / (k/E)."""
+    determined). Also `lift` = A / (k/E). Over the tokens both layers routed (a mixture-of-depths layer
+    routes only the tokens it processed; `tokens` says how many were paired)."""
     out = {}
     E, k = trace.num_experts, trace.k
     layers = trace.layers
     for l0, l1 in zip(layers, layers[1:], strict=False):
         a, b = trace.layer(l0), trace.layer(l1)
-        if a.experts.shape != b.experts.shape:
-            raise ValueError(f"layers {l0} and {l1} traced different tokens")
-        C = pair_counts(a.experts, b.experts, E).astype(np.float64)
+        ea, eb = a.experts, b.experts
+        if ea.shape != eb.shape or not (np.array_equal(a.seq, b.seq) and np.array_equal(a.pos, b.pos)):
+            span = int(max(a.pos.max(initial=0), b.pos.max(initial=0))) + 1
+            _, ia, ib = np.intersect1d(a.seq.astype(np.int64) * span + a.pos, b.seq.astype(np.int64) * span + b.pos,
+                                       assume_unique=True, return_indices=True)
+            ea, eb = ea[ia], eb[ib]
+        C = pair_counts(ea, eb, E).astype(np.float64)
         rows = C.sum(axis=1, keepdims=True)
         P = C / np.maximum(rows, 1)
         p_src = rows[:, 0] / max(rows.sum(), 1)
         topk = np.sort(P, axis=1)[:, ::-1][:, :k].sum(axis=1)
         score = float((p_src * topk).sum())
-        out[f"{l0}->{l1}"] = {"conditional": P.tolist(), "score": score, "lift": score / (k / E)}
+        out[f"{l0}->{l1}"] = {"conditional": P.tolist(), "score": score, "lift": score / (k / E), "tokens": len(ea)}
     return out
