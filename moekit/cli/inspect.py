@@ -32,7 +32,10 @@ def inspect(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     pc = count_params(cfg)
-    layers = ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layers)]
+    layers = [
+        ("moe" if cfg.is_moe_layer(i) else "dense") + (f"+mod {cfg.mod_capacity:g}" if cfg.is_depth_layer(i) else "")
+        for i in range(cfg.n_layers)
+    ]
     info = {
         "path": str(path),
         "step": meta.get("step"),
@@ -55,8 +58,9 @@ def inspect(
     )
     if cfg.num_experts:
         typer.echo(
-            f"  experts: {cfg.num_experts} x width {cfg.expert_hidden}, router {cfg.router} {cfg.router_args}, "
-            f"shared experts {cfg.num_shared_experts}"
+            f"  experts: {cfg.num_experts} x width {cfg.expert_hidden}"
+            + (f" ({cfg.experts} {cfg.experts_args or ''})".replace(" )", ")") if cfg.experts != "ffn" else "")
+            + f", router {cfg.router} {cfg.router_args}, shared experts {cfg.num_shared_experts}"
         )
     else:
         typer.echo(f"  dense FFN width {cfg.ffn_hidden}")
@@ -64,7 +68,8 @@ def inspect(
         f"  parameters: {pc.total:,} total, {pc.active:,} active per token "
         f"(experts {pc.experts_total:,} total, {pc.experts_active:,} active)"
     )
-    typer.echo(f"  forward FLOPs per token: {pc.flops_per_token:,}")
+    mod = " (mixture-of-depths blocks counted in full)" if cfg.mod_capacity < 1 else ""
+    typer.echo(f"  forward FLOPs per token: {pc.flops_per_token:,}{mod}")
 
 
 def _inspect_hf(path: Path, as_json: bool) -> None:

@@ -161,3 +161,14 @@ def test_switching_router_drops_the_presets_router_args(tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads(invoke("inspect", str(run), "--json").output)
     assert info["router"] == "topp" and info["router_args"] == {}
+
+
+def test_mixture_of_depths_from_the_command_line(tmp_path):
+    run = tmp_path / "mod"
+    r = invoke("train", "--preset", "micro-moe", "--out", str(run), "--steps", "2", "--seq-len", "16",
+               "--set", "mod_capacity=0.5", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert json.loads(invoke("inspect", str(run), "--json").output)["layers"] == ["moe", "moe+mod 0.5"]
+    assert "moe+mod 0.5" in invoke("inspect", str(run)).output
+    g = invoke("generate", str(run), "--prompt", "In the beginning", "--max-new-tokens", "5", "--temperature", "0")
+    assert g.exit_code == 0 and g.output.startswith("In the beginning")
