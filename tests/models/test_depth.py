@@ -203,3 +203,58 @@ def test_off_by_default_and_every_block_routed_with_mod_every_1():
     cfg = LMConfig(**{**TINY, "mod_capacity": 0.5, "mod_every": 1})
     assert all(cfg.is_depth_layer(i) for i in range(4))
     assert math.isclose(cfg.mod_capacity, 0.5)
+
+
+# routers whose choice for a token depends on the rest of the batch (capacity, expert choice) or on a fresh random
+# draw per call: they train and decode in a MoD model, but decoding need not reproduce the full forward
+NOT_PER_TOKEN = {"switch", "expert_choice", "random", "stochastic"}
+
+
+def _entries_with_mod():
+    from moekit.bench.routers import ENTRIES
+
+    for name, e in ENTRIES.items():
+        if e.router is None or e.router in ("recurrent", "smear", "graph_of_tokens"):
+            continue  # dense, and the routers a MoD block refuses (test_bad_config)
+        if e.model.get("experts") in ("hecto", "smear"):
+            continue
+        yield name, e
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _entries_with_mod()])
+def test_every_compatible_leaderboard_entry_runs_in_mixture_of_depths_blocks(name):
+    from moekit.bench.routers import ENTRIES
+
+    e = ENTRIES[name]
+    kw = {
+        **TINY,
+        "n_layers": 2,
+        "num_experts": 4,
+        "expert_hidden": 16,
+        "router": e.router,
+        "router_args": dict(e.router_args),
+        **e.model,
+        "mod_capacity": 0.5,
+    }
+    if e.router == "smoe_dropout":
+        kw["router_args"]["anneal_steps"] = 10
+    if kw.get("experts") == "duo":
+        kw["num_experts"] = 2
+    if kw.get("experts") == "autonomy":
+        kw["experts_args"], kw["router_args"]["rank"] = {"rank": 4}, 4
+    torch.manual_seed(6)
+    model = MoELM(LMConfig(**kw)).train()
+    ids = torch.randint(0, 64, (2, 12))
+    out = model(ids, targets=ids)
+    (out.loss + out.aux_loss).backward()
+    assert model.layers[1].depth_router.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :5], cache=cache).logits] + [
+            model(ids[:, i : i + 1], cache=cache).logits for i in range(5, 12)
+        ]
+    assert torch.isfinite(full).all()
+    if name not in NOT_PER_TOKEN:
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
