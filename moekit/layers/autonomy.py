@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moekit.layers.activations import get_activation
 from moekit.layers.film import check_experts_input
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 class AutonomyExperts(nn.Module):
@@ -37,9 +38,7 @@ class AutonomyExperts(nn.Module):
 
     def __init__(self, *, num_experts: int, dim: int, hidden: int, rank: int = 16, activation: str = "silu") -> None:
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden", hidden), ("rank", rank)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"AutonomyExperts: {name} must be a positive integer, got {v!r}")
+        check_positive_ints("AutonomyExperts: ", num_experts=num_experts, dim=dim, hidden=hidden, rank=rank)
         self.num_experts, self.dim, self.hidden, self.rank, self.activation = num_experts, dim, hidden, rank, activation
         self.act = get_activation(activation)
         self.gate_b = nn.Parameter(torch.randn(num_experts, hidden, rank) / math.sqrt(rank))

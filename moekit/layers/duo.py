@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moekit.layers.activations import get_activation
 from moekit.layers.film import check_experts_input
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints, is_positive_int
 
 
 class DuoExperts(nn.Module):
@@ -44,10 +45,8 @@ class DuoExperts(nn.Module):
         super().__init__()
         if num_experts != 2:
             raise ValueError(f"DuoExperts: num_experts must be 2 (big, small), got {num_experts!r}")
-        for name, v in (("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"DuoExperts: {name} must be a positive integer, got {v!r}")
-        if small_hidden is not None and (not isinstance(small_hidden, int) or small_hidden < 1):
+        check_positive_ints("DuoExperts: ", dim=dim, hidden=hidden)
+        if small_hidden is not None and not is_positive_int(small_hidden):
             raise ValueError(f"DuoExperts: small_hidden must be None or a positive integer, got {small_hidden!r}")
         self.num_experts, self.dim, self.hidden, self.activation = 2, dim, hidden, activation
         self.small_hidden = small_hidden

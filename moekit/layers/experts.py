@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from moekit.layers.activations import get_activation
 from moekit.layers.dispatch import get_backend, list_backends
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 class Experts(nn.Module):
@@ -40,9 +41,7 @@ class Experts(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"Experts: {name} must be a positive integer, got {v!r}")
+        check_positive_ints("Experts: ", num_experts=num_experts, dim=dim, hidden=hidden)
         self.act = get_activation(activation)
         get_backend(backend)  # fail early on an unknown name
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from moekit.layers.activations import get_activation
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 class FiLMExperts(nn.Module):
@@ -40,9 +41,7 @@ class FiLMExperts(nn.Module):
 
     def __init__(self, *, num_experts: int, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"FiLMExperts: {name} must be a positive integer, got {v!r}")
+        check_positive_ints("FiLMExperts: ", num_experts=num_experts, dim=dim, hidden=hidden)
         self.num_experts, self.dim, self.hidden, self.activation = num_experts, dim, hidden, activation
         self.act = get_activation(activation)
         self.gate_up_proj = nn.Parameter(torch.empty(2 * hidden, dim))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from moekit.layers.activations import get_activation
 from moekit.layers.film import check_experts_input
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints, is_positive_int
 
 STATE_NAME = "hecto_gru"  # key name in `KVCache.states`: (layer, STATE_NAME) -> [B, H]
 
@@ -61,12 +62,8 @@ class HectoExperts(nn.Module):
         super().__init__()
         if num_experts != 2:
             raise ValueError(f"HectoExperts: num_experts must be 2 (0 = FFN, 1 = GRU), got {num_experts!r}")
-        for name, v in (("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"HectoExperts: {name} must be a positive integer, got {v!r}")
-        if gru_hidden is not None and (
-            not isinstance(gru_hidden, int) or isinstance(gru_hidden, bool) or gru_hidden < 1
-        ):
+        check_positive_ints("HectoExperts: ", dim=dim, hidden=hidden)
+        if gru_hidden is not None and not is_positive_int(gru_hidden):
             raise ValueError(f"HectoExperts: gru_hidden must be None or a positive integer, got {gru_hidden!r}")
         self.num_experts, self.dim, self.hidden, self.activation = 2, dim, hidden, activation
         self.gru_hidden = gru_hidden
@@ -105,10 +102,10 @@ class HectoExperts(nn.Module):
         """
         check_experts_input(self, x, routing)
         T = x.shape[0]
-        if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
+        if seq_len is not None and not is_positive_int(seq_len):
             raise ValueError(f"HectoExperts: seq_len must be None or a positive integer, got {seq_len!r}")
         L = T if seq_len is None else seq_len
-        if T % max(L, 1):
+        if T % max(L, 1):  # T = 0 with seq_len None: L = 0
             raise ValueError(f"HectoExperts: {T} tokens are not a whole number of sequences of seq_len={L}")
         if cache is not None and layer is None:
             raise ValueError("HectoExperts: a cache needs the block index `layer` to key the GRU state")

@@ -11,6 +11,7 @@ from typing import Any
 from moekit.layers.activations import ACTIVATIONS
 from moekit.layers.dispatch import list_backends
 from moekit.routing.capacity import PRIORITIES
+from moekit.utils.checks import check_positive_ints
 
 QK_NORMS = ("none", "head", "full")
 
@@ -56,11 +57,6 @@ class LMConfig:
     mod_aux_weight: float = 0.01  # weight of the binary cross-entropy loss that trains the causal decision
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"LMConfig.{name} must be a positive integer, got {v!r}")
-
         for name in (
             "vocab_size",
             "dim",
@@ -72,8 +68,9 @@ class LMConfig:
             "expert_hidden",
             "moe_every",
             "mod_every",
+            "moe_iterations",
         ):
-            positive(name)
+            check_positive_ints("LMConfig.", **{name: getattr(self, name)})
         if self.dim % self.n_heads:
             raise ValueError(f"LMConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -102,8 +99,6 @@ class LMConfig:
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"LMConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
-        if not isinstance(self.moe_iterations, int) or isinstance(self.moe_iterations, bool) or self.moe_iterations < 1:
-            raise ValueError(f"LMConfig.moe_iterations must be a positive integer, got {self.moe_iterations!r}")
         if self.moe_iterations > 1 and (self.capacity_factor is not None or self.shared_gate):
             raise ValueError(
                 "LMConfig.moe_iterations > 1 (Chain-of-Experts) supports neither capacity_factor nor shared_gate"

@@ -25,6 +25,7 @@ from moekit.routing.base import Router, check_input, check_k, check_logits, seq_
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 @register_router("autonomy")
@@ -44,8 +45,7 @@ class AutonomyRouter(Router):
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, rank: int = 16, load_balance: float = 1e-2) -> None:
         super().__init__(dim=dim, num_experts=num_experts)
         check_k(k, num_experts, "AutonomyRouter")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"AutonomyRouter: rank must be a positive integer, got {rank!r}")
+        check_positive_ints("AutonomyRouter: ", rank=rank)
         if load_balance < 0:
             raise ValueError(f"AutonomyRouter: load_balance must be >= 0, got {load_balance!r}")
         self.k = k

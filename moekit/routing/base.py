@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.routing.registry import router_config
+from moekit.utils.checks import check_positive_ints
 
 
 def check_input(x: Tensor, dim: int, who: str) -> None:
@@ -65,10 +66,7 @@ class Router(nn.Module):
     def __init__(self, *, dim: int, num_experts: int, gate_outputs: int | None = None) -> None:
         super().__init__()
         who = type(self).__name__
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"{who}: dim must be a positive integer, got {dim!r}")
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-            raise ValueError(f"{who}: num_experts must be a positive integer, got {num_experts!r}")
+        check_positive_ints(f"{who}: ", dim=dim, num_experts=num_experts)
         self.dim = dim
         self.num_experts = num_experts
         if gate_outputs is not None:

@@ -21,6 +21,7 @@ from moekit.routing.base import Router, check_input, check_k, check_logits, seq_
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 @register_router("mixture_of_routers")
@@ -55,8 +56,7 @@ class MixtureOfRoutersRouter(Router):
         super().__init__(dim=dim, num_experts=num_experts)
         who = "MixtureOfRoutersRouter"
         check_k(k, num_experts, who)
-        if not isinstance(num_routers, int) or isinstance(num_routers, bool) or num_routers < 1:
-            raise ValueError(f"{who}: num_routers must be a positive integer, got {num_routers!r}")
+        check_positive_ints(f"{who}: ", num_routers=num_routers)
         if router_k is not None:
             check_k(router_k, num_experts, who)
         for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):

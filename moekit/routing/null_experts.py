@@ -18,6 +18,7 @@ from moekit.routing.losses import expert_fraction
 from moekit.routing.losses import z_loss as z_loss_fn
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 def null_load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -68,8 +69,7 @@ class NullExpertsRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         who = "NullExpertsRouter"
-        if not isinstance(num_null, int) or isinstance(num_null, bool) or num_null < 1:
-            raise ValueError(f"{who}: num_null must be a positive integer, got {num_null!r}")
+        check_positive_ints(f"{who}: ", num_null=num_null)
         super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts + num_null)
         M = num_experts + num_null
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= M:

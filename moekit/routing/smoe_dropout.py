@@ -23,6 +23,7 @@ from torch import Tensor
 from moekit.routing.base import Router, check_input, check_k, check_logits
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import check_positive_ints
 
 
 @register_router("smoe_dropout")
@@ -62,8 +63,7 @@ class SMoEDropoutRouter(Router):
                 check_k(v, num_experts, f"{who} ({name})")
         if (k_end or num_experts) < k_start:
             raise ValueError(f"{who}: k_end={k_end} must be >= k_start={k_start}")
-        if not isinstance(anneal_steps, int) or isinstance(anneal_steps, bool) or anneal_steps < 1:
-            raise ValueError(f"{who}: anneal_steps must be a positive integer, got {anneal_steps!r}")
+        check_positive_ints(f"{who}: ", anneal_steps=anneal_steps)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"{who}: seed must be an integer, got {seed!r}")
         self.k_start = k_start

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.utils.checks import check_positive_ints
+
 
 @dataclass
 class TrainConfig:
@@ -42,9 +44,7 @@ class TrainConfig:
             "ckpt_every",
             "log_every",
         ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+            check_positive_ints("TrainConfig.", **{name: getattr(self, name)})
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not self.lr > 0:

@@ -121,3 +121,17 @@ def test_capacity_on_router_and_layer_is_refused():
 def test_bf16_input_with_fp32_router():
     r = layer().router(torch.randn(6, D, dtype=torch.bfloat16))
     assert r.expert_ids.shape == (6, 2) and torch.isfinite(r.weights.float()).all()
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, None])
+def test_sizes_must_be_positive_integers_everywhere(bad):
+    from moekit.layers.variants import EXPERTS_VARIANTS, build_experts
+    from moekit.models import LMConfig
+
+    for name in EXPERTS_VARIANTS:  # one wording across the experts variants, routers and configs
+        with pytest.raises(ValueError, match=r"\w+: hidden must be a positive integer"):
+            build_experts(name, num_experts=2, dim=D, hidden=bad)
+    with pytest.raises(ValueError, match="TopKRouter: num_experts must be a positive integer"):
+        build_router("topk", dim=D, num_experts=bad)
+    with pytest.raises(ValueError, match="LMConfig.moe_iterations must be a positive integer"):
+        LMConfig(moe_iterations=bad)
