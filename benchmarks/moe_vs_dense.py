@@ -55,15 +55,13 @@ def main() -> None:
     data_cfg = DataConfig(vocab_size=4096, seed=args.seed)
     data = prepare_data(data_cfg, progress=False)
     windows = val_windows(data, args.seq_len, 32)
-    tcfg = TrainConfig(
-        steps=args.steps,
+    tcfg = TrainConfig.short_run(
+        args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
-        warmup_steps=max(1, args.steps // 20),
         eval_every=args.eval_every,
         eval_windows=32,
-        ckpt_every=args.steps,
         log_every=10,
         seed=args.seed,
     )

@@ -303,9 +303,9 @@ def run_leaderboard(
     out.mkdir(parents=True, exist_ok=True)
     data_cfg = DataConfig(vocab_size=b.vocab_size, max_chars_per_domain=b.max_chars_per_domain, seed=seed)
     data = prepare_data(data_cfg, progress=progress)
-    base_train = TrainConfig(
-        steps=b.steps, batch_size=b.batch_size, seq_len=b.seq_len, lr=b.lr, warmup_steps=max(1, b.steps // 20),
-        eval_every=b.eval_every, eval_windows=b.eval_windows, ckpt_every=b.steps, log_every=1, seed=seed,
+    base_train = TrainConfig.short_run(
+        b.steps, batch_size=b.batch_size, seq_len=b.seq_len, lr=b.lr, eval_every=b.eval_every,
+        eval_windows=b.eval_windows, log_every=1, seed=seed,
     )
     windows = val_windows(data, b.seq_len, b.eval_windows)
     rows, run_dirs = [], {}

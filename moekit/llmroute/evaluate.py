@@ -76,6 +76,7 @@ def evaluate(
     target = target_share * q_strong
     mean_cost = table.mean_cost()
     cost_range = (float(mean_cost.min()), float(mean_cost.max()))
+    pair: dict = {}  # the two-model metrics
     if len(table.models) == 2:
         # PGR and CPT count strong calls: rank by the predicted quality gain. Cost cut and AIQ count dollars:
         # rank by the router's own cost-aware switch point (the same when the router ignores cost).
@@ -84,19 +85,9 @@ def evaluate(
         curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs, seed=seed)
         by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs, seed=seed)
         cost, quality = by_cost.cost, by_cost.quality
-        return Evaluation(
-            name=name or router.name,
-            cost=cost,
-            quality=quality,
-            aiq=aiq(cost, quality, cost_range),
-            target_quality=target,
-            cost_cut=cost_cut(cost, quality, target, c_strong),
-            apgr=apgr(curve),
-            cpt50=cpt(curve, 0.5),
-            cpt80=cpt(curve, 0.8),
-            curve=curve,
-        )
-    cost, quality = sweep(router, x, table, mus)
+        pair = dict(apgr=apgr(curve), cpt50=cpt(curve, 0.5), cpt80=cpt(curve, 0.8), curve=curve)
+    else:
+        cost, quality = sweep(router, x, table, mus)
     return Evaluation(
         name=name or router.name,
         cost=cost,
@@ -104,6 +95,7 @@ def evaluate(
         aiq=aiq(cost, quality, cost_range),
         target_quality=target,
         cost_cut=cost_cut(cost, quality, target, c_strong),
+        **pair,
     )
 
 

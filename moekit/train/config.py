@@ -56,6 +56,12 @@ class TrainConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
 
+    @classmethod
+    def short_run(cls, steps: int, **fields: Any) -> TrainConfig:
+        """A run compared against others (quickstart, leaderboard, benchmarks): warmup over the first 5% of
+        the steps and one checkpoint, at the end, unless `fields` say otherwise."""
+        return cls(steps=steps, **{"warmup_steps": max(1, steps // 20), "ckpt_every": steps, **fields})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

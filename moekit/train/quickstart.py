@@ -63,15 +63,13 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
     out = Path(cfg.out)
     data_cfg = DataConfig(vocab_size=cfg.vocab_size, max_chars_per_domain=cfg.max_chars_per_domain, seed=cfg.seed)
     data = prepare_data(data_cfg, progress=progress)
-    train_cfg = TrainConfig(
-        steps=cfg.steps,
+    train_cfg = TrainConfig.short_run(
+        cfg.steps,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         lr=cfg.lr,
-        warmup_steps=max(1, cfg.steps // 20),
         eval_every=cfg.eval_every,
         eval_windows=cfg.eval_windows,
-        ckpt_every=cfg.steps,
         log_every=5,
         seed=cfg.seed,
     )
