@@ -254,15 +254,12 @@ def active_flops(cfg: LMConfig, m: RoutingMeasure) -> float:
     tokens they processed (attention among the selected tokens counted as linear in that share, an upper
     bound); their experts are already counted per processed token."""
     pc = count_params(cfg)
-    if not cfg.num_experts:
-        flops = float(pc.flops_per_token)
-    else:
-        # count_params assumes the router's nominal k per MoE layer (and 1 iteration); swap in the measured experts.
-        flops = float(pc.flops_per_token - 2 * pc.experts_active + m.expert_flops_per_token)
+    # count_params assumes the router's nominal k per MoE layer (and 1 iteration); swap in the measured experts
+    # (a dense model has neither)
+    non_expert = pc.flops_per_token - 2 * pc.experts_active
+    flops = float(non_expert + m.expert_flops_per_token)
     if m.depth_fractions:
-        head = 2 * cfg.vocab_size * cfg.dim
-        nominal_experts = 2 * pc.experts_active if cfg.num_experts else 0
-        per_block = (pc.flops_per_token - head - nominal_experts) / cfg.n_layers
+        per_block = (non_expert - 2 * cfg.vocab_size * cfg.dim) / cfg.n_layers  # all but the output head
         flops -= sum((1 - f) * per_block for f in m.depth_fractions.values())
     return flops
 

@@ -3,8 +3,6 @@ decision and its loss, KV-cached generation against the full forward, gradients,
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,7 +200,6 @@ def test_off_by_default_and_every_block_routed_with_mod_every_1():
     assert not any(LMConfig(**TINY).is_depth_layer(i) for i in range(4))
     cfg = LMConfig(**{**TINY, "mod_capacity": 0.5, "mod_every": 1})
     assert all(cfg.is_depth_layer(i) for i in range(4))
-    assert math.isclose(cfg.mod_capacity, 0.5)
 
 
 # routers whose choice for a token depends on the rest of the batch (capacity, expert choice) or on a fresh random
