@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.routing.registry import router_config
-from moekit.utils.checks import check_positive_ints
+from moekit.utils.checks import check_positive_ints, is_positive_int
 
 
 def check_input(x: Tensor, dim: int, who: str) -> None:
@@ -38,7 +38,7 @@ def check_logits(logits: Tensor, who: str) -> None:
 
 def check_k(k: int, num_experts: int, who: str) -> None:
     """Raise unless 1 <= k <= num_experts."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > num_experts:
+    if not is_positive_int(k) or k > num_experts:
         raise ValueError(f"{who}: k must be an integer in [1, num_experts={num_experts}], got {k!r}")
 
 

@@ -34,6 +34,7 @@ from moekit.routing.base import Router, check_input, check_k, check_logits, seq_
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import is_positive_int
 
 
 def routing_contrastive_loss(z: Tensor, prototypes: Tensor, first_choice: Tensor, temperature: float) -> Tensor:
@@ -91,7 +92,7 @@ class PrototypeRouter(Router):
         if not isinstance(num_uncond, int) or isinstance(num_uncond, bool) or not 0 <= num_uncond < num_experts:
             raise ValueError(f"{who}: num_uncond must be an integer in [0, num_experts), got {num_uncond!r}")
         check_k(k, num_experts - num_uncond, f"{who} (k over the conditional experts)")
-        if proto_dim is not None and (not isinstance(proto_dim, int) or isinstance(proto_dim, bool) or proto_dim < 1):
+        if proto_dim is not None and not is_positive_int(proto_dim):
             raise ValueError(f"{who}: proto_dim must be None or a positive integer, got {proto_dim!r}")
         if not (isinstance(temperature, int | float) and temperature > 0):
             raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}")

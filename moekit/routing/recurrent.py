@@ -23,6 +23,7 @@ from moekit.routing.base import Router, check_input, check_k, check_logits, seq_
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
+from moekit.utils.checks import is_positive_int
 
 
 @register_router("recurrent")
@@ -58,7 +59,7 @@ class RecurrentRouter(Router):
         super().__init__(dim=dim, num_experts=num_experts)
         who = "RecurrentRouter"
         check_k(k, num_experts, who)
-        if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1):
+        if hidden is not None and not is_positive_int(hidden):
             raise ValueError(f"{who}: hidden must be None or a positive integer, got {hidden!r}")
         for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
             if v < 0:
