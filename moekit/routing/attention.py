@@ -50,15 +50,10 @@ class AttentionRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
+        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
         check_k(k, num_experts, "AttentionRouter")
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"AttentionRouter: {name} must be >= 0, got {v!r}")
         self.k = k
         self.normalize = normalize
-        self.load_balance = load_balance
-        self.z_loss = z_loss
         self.query_key_value = nn.Linear(dim, 3 * num_experts, bias=False)
         nn.init.normal_(self.query_key_value.weight, std=1.0 / math.sqrt(dim))
 

@@ -43,14 +43,11 @@ class AutonomyRouter(Router):
     """
 
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, rank: int = 16, load_balance: float = 1e-2) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
+        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance))
         check_k(k, num_experts, "AutonomyRouter")
         check_positive_ints("AutonomyRouter: ", rank=rank)
-        if load_balance < 0:
-            raise ValueError(f"AutonomyRouter: load_balance must be >= 0, got {load_balance!r}")
         self.k = k
         self.rank = rank
-        self.load_balance = load_balance
         self.factor_a = nn.Parameter(torch.randn(num_experts, rank, dim) / math.sqrt(dim))
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:

@@ -16,14 +16,24 @@ from moekit.routing.registry import router_config
 from moekit.utils.checks import check_positive_ints, is_positive_int
 
 
-def check_input(x: Tensor, dim: int, who: str) -> None:
-    """Raise if `x` is not a [T, dim] floating tensor."""
+def check_input(x: Tensor, dim: int, who: str, *, finite: bool = False) -> None:
+    """Raise if `x` is not a [T, dim] floating tensor.
+
+    `finite=True` also rejects NaN/inf: for routers whose decisions do not pass through logits computed
+    from `x` (hash, random, stochastic), which would otherwise route a NaN token silently. Routers with
+    learned scores check their logits instead (`check_logits`), which is cheaper ([T, E] vs [T, D])."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: expected a Tensor [T, {dim}], got {type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"{who}: expected input of shape [T, {dim}] (tokens, dim), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
+    if finite and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise FloatingPointError(
+            f"{who}: router input contains {bad} non-finite values (NaN or inf); check the activations "
+            "that reach this layer"
+        )
 
 
 def check_logits(logits: Tensor, who: str) -> None:
@@ -48,6 +58,13 @@ def check_choice(value: Any, allowed: tuple[str, ...], field: str, who: str) -> 
         raise ValueError(f"{who}: {field} must be one of {list(allowed)}, got {value!r}")
 
 
+def check_nonnegative(who: str, **values: Any) -> None:
+    """Raise ValueError unless every value is a finite real number >= 0 (bools are not numbers)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
+
+
 def seq_len_of(state: dict | None) -> int | None:
     """The sequence length the caller put in `state` (the MoE layer does for [B, L, D] inputs)."""
     if isinstance(state, dict):
@@ -61,14 +78,37 @@ def jitter(x: Tensor, eps: float) -> Tensor:
 
 
 class Router(nn.Module):
-    """Common base: `dim`, `num_experts`, a gate weight [E, D] (the Hugging Face router layout)."""
+    """Common base: `dim`, `num_experts`, a gate weight [E, D] (the Hugging Face router layout).
 
-    def __init__(self, *, dim: int, num_experts: int, gate_outputs: int | None = None) -> None:
+    `losses` names the router's auxiliary-loss coefficients (`{"load_balance": 1e-2, "z_loss": 0.0}`):
+    the base validates every one (a finite number >= 0) and stores it as an attribute of that name,
+    so no router checks its coefficients by hand. `loss_names` lists them.
+
+    Class attributes routers override to say what they do (generic code asks these, never names):
+        variable_k: the number of experts per token varies by token (top-p, null experts, expert
+            choice); `k`/`max_k` is then an upper bound, not what a token uses.
+    """
+
+    variable_k: bool = False
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_experts: int,
+        gate_outputs: int | None = None,
+        losses: dict[str, float] | None = None,
+    ) -> None:
         super().__init__()
         who = type(self).__name__
         check_positive_ints(f"{who}: ", dim=dim, num_experts=num_experts)
+        losses = dict(losses or {})
+        check_nonnegative(who, **losses)
         self.dim = dim
         self.num_experts = num_experts
+        self.loss_names = tuple(losses)
+        for name, v in losses.items():
+            setattr(self, name, v)
         if gate_outputs is not None:
             self.weight = nn.Parameter(torch.empty(gate_outputs, dim))
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_choice, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import (
+    Router,
+    check_choice,
+    check_input,
+    check_k,
+    check_logits,
+    check_nonnegative,
+    seq_len_of,
+)
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing
@@ -73,7 +81,10 @@ class DeepSeekRouter(Router):
         seq_balance: float = 0.0,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
+        )
         who = "DeepSeekRouter"
         check_k(k, num_experts, who)
         check_choice(scoring, SCORINGS, "scoring", who)
@@ -94,10 +105,7 @@ class DeepSeekRouter(Router):
             )
         if not routed_scaling_factor > 0:
             raise ValueError(f"{who}: routed_scaling_factor must be > 0, got {routed_scaling_factor!r}")
-        for name, v in (("bias_update_rate", bias_update_rate), ("load_balance", load_balance),
-                        ("seq_balance", seq_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
+        check_nonnegative(who, bias_update_rate=bias_update_rate)
         self.k = k
         self.scoring = scoring
         self.n_group = n_group
@@ -106,9 +114,6 @@ class DeepSeekRouter(Router):
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.bias_update_rate = bias_update_rate
-        self.load_balance = load_balance
-        self.seq_balance = seq_balance
-        self.z_loss = z_loss
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]

@@ -39,6 +39,8 @@ class ExpertChoiceRouter(Router):
     a zero expert output), not token-slots. `meta["capacity"]` is C as a LongTensor scalar.
     """
 
+    variable_k = True
+
     def __init__(
         self,
         *,
@@ -48,16 +50,13 @@ class ExpertChoiceRouter(Router):
         capacity_factor: float = 1.0,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts, losses=dict(z_loss=z_loss))
         who = "ExpertChoiceRouter"
         check_k(k, num_experts, who)
         if not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
             raise ValueError(f"{who}: capacity_factor must be > 0, got {capacity_factor!r}")
-        if z_loss < 0:
-            raise ValueError(f"{who}: z_loss must be >= 0, got {z_loss!r}")
         self.k = k
         self.capacity_factor = capacity_factor
-        self.z_loss = z_loss
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, kmax], logits [T, E]."""

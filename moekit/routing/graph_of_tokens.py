@@ -72,20 +72,18 @@ class GraphOfTokensRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(load_balance=load_balance, z_loss=z_loss),
+        )
         who = "GraphOfTokensRouter"
         check_k(k, num_experts, who)
         if not (isinstance(temperature, int | float) and temperature > 0):
             raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}")
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.temperature = temperature
         self.causal = causal
         self.normalize = normalize
-        self.load_balance = load_balance
-        self.z_loss = z_loss
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""

@@ -64,7 +64,7 @@ class HashRouter(Router):
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D], state["token_ids"]: [T] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
-        check_input(x, self.dim, "HashRouter")
+        check_input(x, self.dim, "HashRouter", finite=True)
         T = x.shape[0]
         token_ids = state.get("token_ids") if isinstance(state, dict) else None
         if token_ids is None:

@@ -53,20 +53,15 @@ class MixtureOfRoutersRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
+        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
         who = "MixtureOfRoutersRouter"
         check_k(k, num_experts, who)
         check_positive_ints(f"{who}: ", num_routers=num_routers)
         if router_k is not None:
             check_k(router_k, num_experts, who)
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.num_routers = num_routers
         self.router_k = router_k
-        self.load_balance = load_balance
-        self.z_loss = z_loss
         self.sub_weight = nn.Parameter(torch.empty(num_routers, num_experts, dim))
         self.main_weight = nn.Parameter(torch.empty(num_routers, dim))
         nn.init.normal_(self.sub_weight, std=1.0 / math.sqrt(dim))

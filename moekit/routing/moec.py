@@ -72,7 +72,10 @@ class MoECRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(variance_loss=variance_loss, load_balance=load_balance, z_loss=z_loss),
+        )
         who = "MoECRouter"
         check_k(k, num_experts, who)
         if not isinstance(cluster_size, int) or cluster_size < 1 or num_experts % cluster_size:
@@ -82,16 +85,10 @@ class MoECRouter(Router):
             )
         if not 0 <= expert_dropout < 1:
             raise ValueError(f"{who}: expert_dropout must be in [0, 1), got {expert_dropout!r}")
-        for name, v in (("variance_loss", variance_loss), ("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.cluster_size = cluster_size
         self.expert_dropout = expert_dropout
-        self.variance_loss = variance_loss
         self.normalize = normalize
-        self.load_balance = load_balance
-        self.z_loss = z_loss
 
     def reroute(self, probs: Tensor, ids: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
         """Replace slots whose expert is dropped by the best surviving free expert of the same cluster.

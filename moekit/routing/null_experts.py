@@ -57,6 +57,8 @@ class NullExpertsRouter(Router):
     outputs zero, so dropping its slot leaves the layer output unchanged and costs no compute.
     """
 
+    variable_k = True
+
     def __init__(
         self,
         *,
@@ -70,18 +72,16 @@ class NullExpertsRouter(Router):
     ) -> None:
         who = "NullExpertsRouter"
         check_positive_ints(f"{who}: ", num_null=num_null)
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts + num_null)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts + num_null,
+            losses=dict(load_balance=load_balance, z_loss=z_loss),
+        )
         M = num_experts + num_null
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= M:
             raise ValueError(f"{who}: k must be an integer in [1, num_experts + num_null = {M}], got {k!r}")
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.num_null = num_null
         self.k = k
         self.normalize = normalize
-        self.load_balance = load_balance
-        self.z_loss = z_loss
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E + N]."""

@@ -87,7 +87,9 @@ class PrototypeRouter(Router):
         normalize: bool = True,
         load_balance: float = 1e-2,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, losses=dict(contrastive=contrastive, load_balance=load_balance),
+        )
         who = "PrototypeRouter"
         if not isinstance(num_uncond, int) or isinstance(num_uncond, bool) or not 0 <= num_uncond < num_experts:
             raise ValueError(f"{who}: num_uncond must be an integer in [0, num_experts), got {num_uncond!r}")
@@ -96,16 +98,11 @@ class PrototypeRouter(Router):
             raise ValueError(f"{who}: proto_dim must be None or a positive integer, got {proto_dim!r}")
         if not (isinstance(temperature, int | float) and temperature > 0):
             raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}")
-        for name, v in (("contrastive", contrastive), ("load_balance", load_balance)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.proto_dim = proto_dim
         self.temperature = temperature
-        self.contrastive = contrastive
         self.num_uncond = num_uncond
         self.normalize = normalize
-        self.load_balance = load_balance
         P = proto_dim or dim
         self.proj = nn.Linear(dim, P, bias=False)
         self.prototypes = nn.Parameter(torch.empty(num_experts, P))

@@ -41,7 +41,7 @@ class RandomRouter(Router):
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
-        check_input(x, self.dim, "RandomRouter")
+        check_input(x, self.dim, "RandomRouter", finite=True)
         T, E = x.shape[0], self.num_experts
         gen = None
         if not self.training:

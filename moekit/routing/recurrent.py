@@ -56,20 +56,15 @@ class RecurrentRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
+        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
         who = "RecurrentRouter"
         check_k(k, num_experts, who)
         if hidden is not None and not is_positive_int(hidden):
             raise ValueError(f"{who}: hidden must be None or a positive integer, got {hidden!r}")
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.hidden = hidden
         self.normalize = normalize
         self.detach_state = detach_state
-        self.load_balance = load_balance
-        self.z_loss = z_loss
         H = self.width
         self.proj = nn.Linear(dim, H, bias=False)
         self.gru = nn.GRUCell(H, H)

@@ -89,7 +89,7 @@ class StochasticRouter(Router):
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k] ([T, E] in "average" eval mode)."""
-        check_input(x, self.dim, "StochasticRouter")
+        check_input(x, self.dim, "StochasticRouter", finite=True)
         T, E = x.shape[0], self.num_experts
         if not self.training and self.eval_mode == "average":
             ids = torch.arange(E, device=x.device).expand(T, E).contiguous()

@@ -49,7 +49,10 @@ class SwitchRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(load_balance=load_balance, z_loss=z_loss),
+        )
         who = "SwitchRouter"
         check_k(k, num_experts, who)
         if capacity_factor is not None and not (
@@ -58,14 +61,9 @@ class SwitchRouter(Router):
             raise ValueError(f"{who}: capacity_factor must be > 0 or None, got {capacity_factor!r}")
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"{who}: jitter_eps must be in [0, 1), got {jitter_eps!r}")
-        for name, v in (("load_balance", load_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.k = k
         self.capacity_factor = capacity_factor
         self.jitter_eps = jitter_eps
-        self.load_balance = load_balance
-        self.z_loss = z_loss
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E], `dropped` the number

@@ -55,7 +55,10 @@ class TopKRouter(Router):
         seq_balance: float = 0.0,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
+        )
         check_k(k, num_experts, "TopKRouter")
         check_choice(order, ORDERS, "order", "TopKRouter")
         check_choice(noise, NOISES, "noise", "TopKRouter")
@@ -64,9 +67,6 @@ class TopKRouter(Router):
         self.normalize = normalize
         self.noise = noise
         self.noise_eps = noise_eps
-        self.load_balance = load_balance
-        self.seq_balance = seq_balance
-        self.z_loss = z_loss
         if noise == "noisy":
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim))
 

@@ -37,6 +37,8 @@ class TopPRouter(Router):
     Returns expert_ids/weights [T, max_k], used slots first, unused room -1/0.
     """
 
+    variable_k = True
+
     def __init__(
         self,
         *,
@@ -49,7 +51,12 @@ class TopPRouter(Router):
         seq_balance: float = 0.0,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(
+                dynamic_loss=dynamic_loss, load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss
+            ),
+        )
         who = "TopPRouter"
         if not (isinstance(p, int | float) and 0 < p <= 1):
             raise ValueError(f"{who}: p must be in (0, 1], got {p!r}")
@@ -58,16 +65,8 @@ class TopPRouter(Router):
         ):
             raise ValueError(f"{who}: max_k must be None or an integer in [1, num_experts={num_experts}], "
                              f"got {max_k!r}")
-        for name, v in (("dynamic_loss", dynamic_loss), ("load_balance", load_balance),
-                        ("seq_balance", seq_balance), ("z_loss", z_loss)):
-            if v < 0:
-                raise ValueError(f"{who}: {name} must be >= 0, got {v!r}")
         self.p = p
         self.max_k = max_k
-        self.dynamic_loss = dynamic_loss
-        self.load_balance = load_balance
-        self.seq_balance = seq_balance
-        self.z_loss = z_loss
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, max_k], logits [T, E]."""

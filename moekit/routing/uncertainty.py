@@ -60,16 +60,14 @@ class UncertaintyRouter(Router):
         normalize: bool = True,
         load_balance: float = 1e-2,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
+        super().__init__(
+            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            losses=dict(uncertainty=uncertainty, load_balance=load_balance),
+        )
         check_k(k, num_experts, "UncertaintyRouter")
-        for name, v in (("uncertainty", uncertainty), ("load_balance", load_balance)):
-            if v < 0:
-                raise ValueError(f"UncertaintyRouter: {name} must be >= 0, got {v!r}")
         self.k = k
         self.sample = sample
-        self.uncertainty = uncertainty
         self.normalize = normalize
-        self.load_balance = load_balance
         self.var_weight = nn.Parameter(torch.zeros(num_experts, dim))
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:

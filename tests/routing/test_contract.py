@@ -101,3 +101,31 @@ def test_wrong_rank_or_width_is_a_clear_error(name):
 def test_unknown_argument_lists_accepted_ones(name):
     with pytest.raises(TypeError, match="accepts"):
         build_router(name, dim=D, num_experts=E, no_such_arg=1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_a_clear_error(name, bad):
+    """Every router refuses NaN/inf tokens instead of routing them silently (hash/random included)."""
+    for mode in ("train", "eval"):
+        router = getattr(make(name), mode)()
+        x = torch.randn(T, D)
+        x[3, 5] = bad
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            router(x, state=state_for(T))
+
+
+def test_every_loss_coefficient_is_validated_by_the_base_class(name):
+    router = make(name)
+    for loss in router.loss_names:
+        assert getattr(router, loss) == router_config(router)["args"][loss]
+        for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
+            with pytest.raises(ValueError, match=f"{loss} must be a finite number >= 0, got"):
+                build_router(name, dim=D, num_experts=E, **{loss: bad})
+
+
+def test_routers_with_losses_declare_them():
+    assert set(make("topk").loss_names) == {"load_balance", "seq_balance", "z_loss"}
+    assert set(make("topp").loss_names) == {"dynamic_loss", "load_balance", "seq_balance", "z_loss"}
+    assert make("hash").loss_names == ()
+    with pytest.raises(ValueError, match="load_balance must be a finite number >= 0, got -1.0"):
+        build_router("topk", dim=D, num_experts=E, load_balance=-1.0)
