@@ -60,7 +60,8 @@ def affinity_heatmaps(aff: dict, out: Path, max_pairs: int = 4) -> Path:
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(3.4 * max(len(pairs), 1) + 1, 3.4), squeeze=False)
     for ax, p in zip(axes[0], pairs, strict=False):
         im = ax.imshow(np.array(aff[p]["conditional"]), cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(f"{p}: score {aff[p]['score']:.2f}", fontsize=9)
+        score = aff[p]["score"]
+        ax.set_title(f"{p}: score {'n/a' if score is None else f'{score:.2f}'}", fontsize=9)
         ax.set_xlabel("expert at next layer")
         ax.set_ylabel("expert")
     if pairs:
@@ -84,8 +85,11 @@ def locality_curves(loc: dict, out: Path) -> Path:
     axes[0].set_ylabel("SRP")
     axes[0].set_title("segment routing best performance")
     axes[0].legend(fontsize=7)
-    for m in ms:
-        axes[1].plot(Ls, [np.mean([loc[l]["sch"][L][m] for l in layers]) for L in Ls], marker="o", label=f"cache {m}k")
+    for m in ms:  # a cache that holds every expert (SCH None: not applicable) is left out
+        ys = [[loc[l]["sch"][L][m] for l in layers] for L in Ls]
+        if any(v is None for row in ys for v in row):
+            continue
+        axes[1].plot(Ls, [np.mean(row) for row in ys], marker="o", label=f"cache {m}k")
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("segment length L")
     axes[1].set_ylabel("SCH (mean over layers)")

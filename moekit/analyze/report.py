@@ -32,6 +32,9 @@ def compute_metrics(
             "layers": trace.layers,
             "num_experts": trace.num_experts,
             "k": trace.k,
+            "slots": trace.slots,
+            "experts_per_token": trace.experts_per_token,
+            "variable_k": trace.variable_k,
             "label_columns": trace.label_columns,
         },
         "load": expert_load(trace),
@@ -46,6 +49,11 @@ def compute_metrics(
     if behaviour:
         metrics["behaviour"] = behaviour_experts(trace, *behaviour)
     return metrics
+
+
+def _num(v: float | None, fmt: str) -> str:
+    """A metric cell: "n/a" where the metric does not apply (None)."""
+    return "n/a" if v is None else format(v, fmt)
 
 
 def _img(path: Path) -> str:
@@ -72,8 +80,15 @@ def write_report(metrics: dict, out_dir: str | Path, decode=None) -> Path:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
         "<h1>Routing analysis</h1>",
-        f"<p>Trace <code>{esc(t['path'])}</code>: layers {t['layers']}, {t['num_experts']} experts, k={t['k']}. "
-        "Definitions: docs/analysis.md. All numbers are in <code>metrics.json</code>.</p>",
+        f"<p>Trace <code>{esc(t['path'])}</code>: layers {t['layers']}, {t['num_experts']} experts, "
+        + (
+            f"a variable number of experts per token: {t['experts_per_token']:.2f} on average over "
+            f"{t['slots']} slots (metrics that take k use k={t['k']}; n/a = the metric cannot tell routings "
+            "apart at that size). "
+            if t["variable_k"]
+            else f"k={t['k']}. "
+        )
+        + "Definitions: docs/analysis.md. All numbers are in <code>metrics.json</code>.</p>",
         "<h2>Load</h2><table><tr><th>layer</th><th>max/mean</th><th>CV</th><th>entropy (norm.)</th>"
         "<th>empty slots</th><th>mean top-1 prob</th><th>mean router entropy</th></tr>",
     ]
@@ -104,7 +119,7 @@ def write_report(metrics: dict, out_dir: str | Path, decode=None) -> Path:
             "<tr><th>layers</th><th>score</th><th>lift over independent</th></tr>"
         )
         parts += [
-            f"<tr><td>{p}</td><td>{v['score']:.3f}</td><td>{v['lift']:.2f}</td></tr>"
+            f"<tr><td>{p}</td><td>{_num(v['score'], '.3f')}</td><td>{_num(v['lift'], '.2f')}</td></tr>"
             for p, v in metrics["affinity"].items()
         ]
         parts += ["</table>", _img(figs["affinity"])]

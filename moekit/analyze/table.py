@@ -37,9 +37,19 @@ class Trace:
         self.layers = [
             int(r[0]) for r in self.con.execute("SELECT DISTINCT layer FROM trace ORDER BY layer").fetchall()
         ]
-        mx = self.con.execute("SELECT max(expert), max(slot) FROM trace").fetchone()
-        self.num_experts = int(mx[0]) + 1 if mx[0] is not None else 0
-        self.k = int(mx[1]) + 1 if mx[1] is not None else 0
+        mx, slots, filled, rows = self.con.execute(
+            "SELECT max(expert), max(slot), count(*) FILTER (WHERE expert >= 0), count(*) FROM trace"
+        ).fetchone()
+        # E from the file when the writer knew it (an expert nobody chose is still an expert), else inferred
+        inferred = int(mx) + 1 if mx is not None else 0
+        self.num_experts = _file_metadata(self.path).get("num_experts", inferred)
+        self.slots = int(slots) + 1 if slots is not None else 0  # row width: k, or the maximum of a variable-k router
+        tokens = rows // self.slots if self.slots else 0
+        # measured experts per token (token-layers): the slots minus the empty ones (-1)
+        self.experts_per_token = filled / tokens if tokens else 0.0
+        self.variable_k = filled != rows  # some tokens use fewer experts than there are slots
+        # the k that metrics parameterised by k use (affinity's top-k successors, SCH's cache of m*k experts)
+        self.k = max(1, round(self.experts_per_token)) if tokens else 0
         self._layers: dict[int, LayerRouting] = {}  # per-layer arrays, read once (several metrics use them)
 
     def sql(self, query: str, params: list | None = None):
@@ -56,7 +66,7 @@ class Trace:
         res = self.con.execute(
             "SELECT seq, pos, token, expert, weight FROM trace WHERE layer = ? ORDER BY seq, pos, slot", [layer]
         ).fetchnumpy()
-        k = self.k
+        k = self.slots
         n = len(res["seq"]) // k
         return LayerRouting(
             experts=np.asarray(res["expert"], dtype=np.int32).reshape(n, k),
@@ -67,11 +77,27 @@ class Trace:
         )
 
 
+def _file_metadata(path: Path) -> dict[str, int]:
+    """Integers the trace writer stored in the Parquet footer (`moekit.num_experts`), if any."""
+    pq = require("pyarrow.parquet")
+    meta = pq.read_schema(str(path)).metadata or {}
+    out = {}
+    for key, value in meta.items():
+        key = key.decode()
+        if key.startswith("moekit."):
+            try:
+                out[key.removeprefix("moekit.")] = int(value)
+            except ValueError:
+                continue
+    return out
+
+
 _BASE = {"layer", "seq", "pos", "token", "slot", "expert", "weight", "p_top1", "entropy", "out_absmax"}
 
 
-def write_trace(rows: dict[str, np.ndarray | list], path: str | Path) -> Path:
-    """Write a hand-built trace (tests, imports from other tools). Missing optional columns are filled."""
+def write_trace(rows: dict[str, np.ndarray | list], path: str | Path, num_experts: int | None = None) -> Path:
+    """Write a hand-built trace (tests, imports from other tools). Missing optional columns are filled;
+    `num_experts` records E (else readers take the largest expert id + 1)."""
     pa = require("pyarrow")
     pq = require("pyarrow.parquet")
     n = len(rows["expert"])
@@ -101,5 +127,7 @@ def write_trace(rows: dict[str, np.ndarray | list], path: str | Path) -> Path:
             for c, v in cols.items()
         }
     )
+    if num_experts is not None:
+        table = table.replace_schema_metadata({"moekit.num_experts": str(num_experts)})
     pq.write_table(table, str(path))
     return Path(path)

@@ -141,7 +141,9 @@ def recording(model: nn.Module, record_outputs: bool = False) -> Iterator[Routin
 class TraceWriter:
     """Appends row chunks to one Parquet file (written to a temporary name, renamed on close)."""
 
-    def __init__(self, path: str | Path, label_columns: list[str], chunk_rows: int = 1_000_000) -> None:
+    def __init__(
+        self, path: str | Path, label_columns: list[str], chunk_rows: int = 1_000_000, num_experts: int | None = None
+    ) -> None:
         pa = require("pyarrow")
         self.pq = require("pyarrow.parquet")
         self.pa = pa
@@ -160,7 +162,9 @@ class TraceWriter:
             pa.field("entropy", pa.float32()),
             pa.field("out_absmax", pa.float32()),
         ] + [pa.field(c, pa.dictionary(pa.int32(), pa.string())) for c in label_columns]
-        self.schema = pa.schema(fields)
+        # E goes into the footer: a trace read back must not infer it from the experts that happened to be chosen
+        metadata = {"moekit.num_experts": str(num_experts)} if num_experts is not None else None
+        self.schema = pa.schema(fields, metadata=metadata)
         self.writer = self.pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
         self.chunk_rows = chunk_rows
         self.pending: list[dict[str, np.ndarray]] = []
@@ -240,7 +244,9 @@ def capture(
     forward = forward or (lambda m, ids: m(ids))
     was_training = model.training
     model.eval()
-    writer = TraceWriter(path, list(label_columns), chunk_rows)
+    layers = moe_layers(model)
+    counts = {getattr(moe.experts, "num_experts", None) for _, _, moe in layers} - {None}
+    writer = TraceWriter(path, list(label_columns), chunk_rows, num_experts=max(counts) if counts else None)
     seqs = tokens = 0
     try:
         with recording(model, record_outputs) as rec, Progress(disable=not progress, transient=True) as bar:

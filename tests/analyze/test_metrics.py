@@ -16,7 +16,9 @@ from moekit.analyze.metrics.specialization import mutual_information, specializa
 from moekit.analyze.table import Trace, write_trace
 
 
-def build(tmp_path, choices: dict[int, np.ndarray], seq_len: int, labels=None, name="t.parquet", **extra) -> Trace:
+def build(
+    tmp_path, choices: dict[int, np.ndarray], seq_len: int, labels=None, name="t.parquet", num_experts=None, **extra
+) -> Trace:
     """choices: layer -> experts [N, k] (N tokens in sequences of seq_len)."""
     rows: dict[str, list] = {c: [] for c in ("layer", "seq", "pos", "slot", "expert", "token")}
     lab = []
@@ -37,7 +39,7 @@ def build(tmp_path, choices: dict[int, np.ndarray], seq_len: int, labels=None, n
         cols["label"] = lab
     for c, v in extra.items():
         cols[c] = v
-    return Trace(write_trace(cols, tmp_path / name))
+    return Trace(write_trace(cols, tmp_path / name, num_experts=num_experts))
 
 
 def test_srp_is_one_when_every_segment_uses_one_fixed_set(tmp_path):
@@ -172,3 +174,44 @@ def test_affinity_pairs_tokens_by_position_when_a_layer_routes_a_subset(tmp_path
     assert aff["tokens"] == 2
     # pairs by position: (0 -> 2) at pos 1, (1 -> 3) at pos 2 (row order would give 0 -> 2 and 0 -> 3)
     assert aff["conditional"][0][2] == 1.0 and aff["conditional"][1][3] == 1.0 and aff["score"] == pytest.approx(1.0)
+
+
+def variable_k_trace(tmp_path, E=8, slots=8, n=400, seed=0) -> tuple[Trace, np.ndarray]:
+    """A top-p style trace: every token uses 1 or 2 of E experts, in rows of `slots` slots (-1 = empty)."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in (0, 1):
+        ex = np.full((n, slots), -1)
+        for t in range(n):
+            ex[t, : 1 + (t % 2)] = rng.choice(E, size=1 + (t % 2), replace=False)
+        layers[layer] = ex
+    return build(tmp_path, layers, seq_len=20, num_experts=E), layers[0]
+
+
+def test_variable_k_trace_uses_measured_experts_per_token(tmp_path):
+    tr, ex = variable_k_trace(tmp_path)
+    assert tr.slots == 8 and tr.variable_k and tr.experts_per_token == pytest.approx(1.5)
+    assert tr.k == 2  # round(1.5): what tokens use, not the 8 slots
+    # affinity over independent random layers: the top-2 successors of an expert hold about 2/8 of the mass
+    # (not 1.0, which any routing gets when all 8 slots count as k)
+    aff = interlayer_affinity(tr)["0->1"]
+    assert 0.2 < aff["score"] < 0.45 and aff["lift"] == pytest.approx(aff["score"] / (2 / 8))
+    loc = local_consistency(tr, segment_lengths=(4,), cache_multiples=(1, 2, 4))[0]
+    # cache of m*k experts: 2 and 4 are informative (< 1), 8 = E holds every expert -> not applicable
+    assert 0 < loc["sch"][4][1] < loc["sch"][4][2] < 1 and loc["sch"][4][4] is None
+    # the cache of 2 experts: brute force on the same trace
+    assert loc["sch"][4][1] == pytest.approx(brute_force_sch(ex, np.arange(len(ex)) // 20, 4, 2, 8))
+
+
+def test_degenerate_metrics_are_not_applicable(tmp_path):
+    # k = 2 of E = 2: every expert is in the top-k successors and in any cache of 2
+    tr = build(tmp_path, {0: np.tile([0, 1], (20, 1)), 1: np.tile([1, 0], (20, 1))}, seq_len=10)
+    assert interlayer_affinity(tr)["0->1"]["score"] is None
+    assert local_consistency(tr, segment_lengths=(4,), cache_multiples=(1,))[0]["sch"][4][1] is None
+    assert sch_from_counts(np.array([[3, 1]]), capacity=2) is None
+
+
+def test_num_experts_comes_from_the_file_when_recorded(tmp_path):
+    ex = np.array([[0], [1], [2]])  # experts 3..5 never chosen
+    assert build(tmp_path, {0: ex}, seq_len=3, name="a.parquet").num_experts == 3  # inferred
+    assert build(tmp_path, {0: ex}, seq_len=3, name="b.parquet", num_experts=6).num_experts == 6

@@ -157,3 +157,24 @@ def test_trace_of_mixture_of_depths_blocks_keeps_the_processed_tokens(tmp_path):
     labels = tr.sql("SELECT label, count(*) FROM trace WHERE layer = 1 GROUP BY 1 ORDER BY 1").fetchall()
     even = int(out.depth[1][[0, 1, 4, 5]].sum()) * 2  # batches 0 and 2 are "even"; k = 2 rows per token
     assert labels[0] == ("even", even)
+
+
+def test_trace_of_a_variable_k_router_records_e_and_measured_experts(tmp_path):
+    from dataclasses import replace
+
+    from moekit.analyze.report import compute_metrics
+
+    cfg = replace(CFG, num_experts=8, router="topp", router_args={"p": 0.5})
+    torch.manual_seed(0)
+    model = MoELM(cfg).eval()
+    info = capture(model, batches(n=4), tmp_path / "t.parquet", progress=False)
+    tr = Trace(info.path)
+    ids = torch.cat([b[0] for b in batches(n=4)])
+    with torch.no_grad():
+        out = model(ids)
+    measured = np.mean([float(out.routings[i].active_per_token().float().mean()) for i in (1, 2)])
+    assert tr.num_experts == 8 and tr.slots == 8 and tr.variable_k
+    assert tr.experts_per_token == pytest.approx(measured) and tr.k == round(measured) < 8
+    m = compute_metrics(tr)
+    assert m["trace"]["experts_per_token"] == pytest.approx(measured)
+    assert m["affinity"]["1->2"]["score"] < 1.0

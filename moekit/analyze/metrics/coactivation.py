@@ -44,7 +44,12 @@ def interlayer_affinity(trace: Trace) -> dict[str, dict]:
     the expected share of a token's next-layer choices that fall in the k most likely successors
     of its current choice (k/E for routing independent across layers, 1.0 when the successor set is
     determined). Also `lift` = A / (k/E). Over the tokens both layers routed (a mixture-of-depths layer
-    routes only the tokens it processed; `tokens` says how many were paired)."""
+    routes only the tokens it processed; `tokens` says how many were paired).
+
+    k is the trace's measured experts per token, rounded (`Trace.k`): for a router whose number of experts
+    varies by token it is what tokens actually use, not the slot count. When k >= E the k most likely
+    successors are every expert and the score is 1 whatever the routing: `score` and `lift` are then None
+    (not applicable)."""
     out = {}
     E, k = trace.num_experts, trace.k
     layers = trace.layers
@@ -60,7 +65,10 @@ def interlayer_affinity(trace: Trace) -> dict[str, dict]:
         rows = C.sum(axis=1, keepdims=True)
         P = C / np.maximum(rows, 1)
         p_src = rows[:, 0] / max(rows.sum(), 1)
-        topk = np.sort(P, axis=1)[:, ::-1][:, :k].sum(axis=1)
-        score = float((p_src * topk).sum())
-        out[f"{l0}->{l1}"] = {"conditional": P.tolist(), "score": score, "lift": score / (k / E), "tokens": len(ea)}
+        score = lift = None
+        if k < E:
+            topk = np.sort(P, axis=1)[:, ::-1][:, :k].sum(axis=1)
+            score = float((p_src * topk).sum())
+            lift = score / (k / E)
+        out[f"{l0}->{l1}"] = {"conditional": P.tolist(), "score": score, "lift": lift, "tokens": len(ea)}
     return out

@@ -11,7 +11,9 @@ score; tau shared by all segments). SRP = 1 when every segment uses one fixed se
 
 SCH(L, m) -- Segment Cache best Hit rate: each segment may hold C = m * k experts in a cache chosen
 with knowledge of the segment (the best fixed cache: its C most used experts); SCH = cache hits /
-activations over all segments.
+activations over all segments. k is the trace's measured experts per token, rounded (`Trace.k`), so a
+router with a variable number of experts per token is measured at what its tokens use. A cache of
+C >= E experts holds every expert and hits always: SCH is then None (not applicable), not 1.
 """
 
 from __future__ import annotations
@@ -63,16 +65,16 @@ def srp_from_counts(c: np.ndarray, L: int) -> tuple[float, float]:
     return float(f1[best]), float(t[best] / L)
 
 
-def sch_from_counts(c: np.ndarray, capacity: int) -> float:
-    """SCH from segment counts c [W, E] and a cache of `capacity` experts."""
+def sch_from_counts(c: np.ndarray, capacity: int) -> float | None:
+    """SCH from segment counts c [W, E] and a cache of `capacity` experts (None when capacity >= E)."""
+    if capacity >= c.shape[1]:
+        return None
     if c.size == 0:
         return float("nan")
     total = c.sum()
     if total == 0:
         return float("nan")
     E = c.shape[1]
-    if capacity >= E:
-        return 1.0
     top = np.partition(c, E - capacity, axis=1)[:, E - capacity :]
     return float(top.sum() / total)
 
