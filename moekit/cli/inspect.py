@@ -24,6 +24,7 @@ def inspect(
         return
     from moekit.models import LMConfig, count_params
     from moekit.train import read_meta
+    from moekit.train.evaluate import measured_experts_per_token
 
     try:
         meta = read_meta(path)
@@ -31,7 +32,8 @@ def inspect(
     except (FileNotFoundError, ValueError, KeyError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    pc = count_params(cfg)
+    measured = measured_experts_per_token(path if (path / "eval.jsonl").is_file() else path.parent)
+    pc = count_params(cfg, measured[1] if measured else None)
     layers = [
         ("moe" if cfg.is_moe_layer(i) else "dense") + (f"+mod {cfg.mod_capacity:g}" if cfg.is_depth_layer(i) else "")
         for i in range(cfg.n_layers)
@@ -47,6 +49,8 @@ def inspect(
         "expert_hidden": cfg.expert_hidden,
         "dim": cfg.dim,
         "vocab_size": cfg.vocab_size,
+        "experts_per_token": measured[1] if measured else None,  # measured on validation, at this step
+        "experts_per_token_step": measured[0] if measured else None,
         **pc.as_dict(),
     }
     if as_json:
@@ -62,6 +66,16 @@ def inspect(
             + (f" ({cfg.experts} {cfg.experts_args or ''})".replace(" )", ")") if cfg.experts != "ffn" else "")
             + f", router {cfg.router} {cfg.router_args}, shared experts {cfg.num_shared_experts}"
         )
+        if measured:
+            typer.echo(
+                f"  experts per token: {measured[1]:.2f} measured on validation at step {measured[0]}"
+                + (" (varies by token)" if pc.variable_k else "")
+            )
+        elif pc.variable_k:
+            typer.echo(
+                "  experts per token: varies by token, not measured yet (no validation in eval.jsonl): the active "
+                "counts below use the router's bound"
+            )
     else:
         typer.echo(f"  dense FFN width {cfg.ffn_hidden}")
     typer.echo(

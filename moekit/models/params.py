@@ -2,8 +2,9 @@
 
 Counts come from the model itself, built on PyTorch's `meta` device (shapes only, no memory), so
 they stay right for every option (q/k norms, shared blocks, expert variants, routers with their own
-parameters). A routed expert module's parameters count as active in the share k/E (the nominal
-experts per token of its router).
+parameters). A routed expert module's parameters count as active in the share k/E: k is the
+measured experts per token when the caller has it (`experts_per_token`, from a validation run), else
+the router's nominal k (for a router whose number of experts varies by token, a bound: `variable_k`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,20 @@ class ParamCount:
     active: int  # parameters that touch one token: all but the experts a token does not use
     embedding: int  # input embedding (and output head when untied)
     experts_total: int  # routed expert parameters
-    experts_active: int  # routed expert parameters one token uses (nominal k)
+    experts_active: int  # routed expert parameters one token uses (measured or nominal k)
     flops_per_token: int  # forward FLOPs per token at full context: 2 x active matmul params + head + attention
+    variable_k: bool = False  # some router's experts per token vary by token
+    measured: bool = False  # active counts use measured experts per token, not the routers' nominal k
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def nominal_k(router: torch.nn.Module) -> float:
-    """Experts per token a router asks for: its `k`, or `max_k` for variable routers, else 1."""
-    for name in ("k", "max_k"):
-        v = getattr(router, name, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return float(v)
-    return 1.0
+def count_params(cfg: LMConfig, experts_per_token: float | None = None) -> ParamCount:
+    """Counts of the model `cfg` describes (built on the meta device).
 
-
-def count_params(cfg: LMConfig) -> ParamCount:
-    """Counts of the model `cfg` describes (built on the meta device)."""
+    experts_per_token: measured experts per token, the mean over MoE layers (of `EvalResult.experts_per_token`,
+    logged in a run's eval.jsonl); without it each MoE layer counts its router's nominal k."""
     from moekit.models.lm import MoELM
 
     with torch.device("meta"):
@@ -57,6 +54,7 @@ def count_params(cfg: LMConfig) -> ParamCount:
 
     embedding = numel([model.embed_tokens.weight]) + numel([model.lm_head.weight])
     experts_total = experts_active = 0
+    variable = False
     for mod in model.modules():
         experts = getattr(mod, "experts", None)
         if experts is None or experts is mod or not isinstance(experts, torch.nn.Module):
@@ -66,7 +64,12 @@ def count_params(cfg: LMConfig) -> ParamCount:
         n = numel(experts.parameters())
         E = getattr(experts, "num_experts", cfg.num_experts) or 1
         experts_total += n
-        experts_active += int(n * min(1.0, nominal_k(router) / E)) if router is not None else n
+        if router is None:
+            experts_active += n
+            continue
+        variable |= bool(getattr(router, "variable_k", False))
+        k = experts_per_token if experts_per_token is not None else getattr(router, "nominal_k", 1)
+        experts_active += int(n * min(1.0, k / E))
     rest = numel(model.parameters())  # everything not yet counted
     total = embedding + experts_total + rest
     active = embedding + experts_active + rest
@@ -74,4 +77,6 @@ def count_params(cfg: LMConfig) -> ParamCount:
     matmul_active = active - embedding - norms
     hd = cfg.head_dim
     flops = 2 * matmul_active + 2 * cfg.vocab_size * cfg.dim + 2 * cfg.n_layers * cfg.max_seq_len * cfg.n_heads * hd
-    return ParamCount(total, active, embedding, experts_total, experts_active, flops)
+    return ParamCount(
+        total, active, embedding, experts_total, experts_active, flops, variable, experts_per_token is not None
+    )

@@ -86,7 +86,7 @@ class Router(nn.Module):
 
     Class attributes routers override to say what they do (generic code asks these, never names):
         variable_k: the number of experts per token varies by token (top-p, null experts, expert
-            choice); `k`/`max_k` is then an upper bound, not what a token uses.
+            choice); `nominal_k` is then a bound or an average, not what every token uses.
     """
 
     variable_k: bool = False
@@ -112,6 +112,13 @@ class Router(nn.Module):
         if gate_outputs is not None:
             self.weight = nn.Parameter(torch.empty(gate_outputs, dim))
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
+
+    @property
+    def nominal_k(self) -> int:
+        """Experts per token this router asks for at inference (its `k`; 1 for routers without one).
+        Routers whose k is not an attribute `k` override it; for variable-k routers it is a bound."""
+        k = getattr(self, "k", None)
+        return k if is_positive_int(k) else 1
 
     def gate_logits(self, x: Tensor) -> Tensor:
         """[T, D] -> [T, E] raw scores of the linear gate, checked for NaN/inf."""

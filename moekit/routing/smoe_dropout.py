@@ -76,6 +76,11 @@ class SMoEDropoutRouter(Router):
         self.register_buffer("weight", torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
+    @property
+    def nominal_k(self) -> int:
+        """k at inference: eval_k, else k_end (every expert by default)."""
+        return self.eval_k or self.k_end or self.num_experts
+
     def current_k(self) -> int:
         """k of the next call: annealed in training, eval_k (or k_end) at inference."""
         k_end = self.k_end or self.num_experts

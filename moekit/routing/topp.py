@@ -68,6 +68,11 @@ class TopPRouter(Router):
         self.p = p
         self.max_k = max_k
 
+    @property
+    def nominal_k(self) -> int:
+        """The upper bound: `max_k`, else every expert."""
+        return self.max_k or self.num_experts
+
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, max_k], logits [T, E]."""
         logits = self.gate_logits(x)  # [T, E]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ class EvalResult:
     # expert_counts[label][i] = token-slots per expert at the i-th MoE layer ([E] list), for MoE models
     expert_counts: dict[str, list[list[int]]] = field(default_factory=dict)
     moe_layers: list[int] = field(default_factory=list)  # block indices of the MoE layers
+    # measured experts per token at each MoE layer: token-slots over tokens (what a variable-k router
+    # such as top-p really uses; a mixture-of-depths block counts the tokens it skipped as 0)
+    experts_per_token: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -59,4 +64,23 @@ def evaluate(model: MoELM, windows: dict[str, tuple[Tensor, Tensor]], batch_size
         if label_experts is not None:
             experts[label] = [t.tolist() for t in label_experts]
     model.train(was_training)
-    return EvalResult(total_loss / max(total_tokens, 1), losses, counts, experts, moe_layers)
+    slots = [sum(sum(per_label[i]) for per_label in experts.values()) for i in range(len(moe_layers))]
+    per_token = [n / max(total_tokens, 1) for n in slots]
+    return EvalResult(total_loss / max(total_tokens, 1), losses, counts, experts, moe_layers, per_token)
+
+
+def measured_experts_per_token(run_dir: str | Path) -> tuple[int, float] | None:
+    """(step, mean over MoE layers of the measured experts per token) from the last validation in a run's
+    eval.jsonl that recorded it, or None (a dense run, no log, or a run from before it was recorded)."""
+    log = Path(run_dir) / "eval.jsonl"
+    if not log.is_file():
+        return None
+    found = None
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            per_layer = row["experts_per_token"]
+            found = (int(row["step"]), sum(per_layer) / len(per_layer))
+        except (ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue  # a line from an older version, or one cut short by a crash
+    return found

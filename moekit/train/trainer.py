@@ -171,6 +171,8 @@ def train(
         nonlocal final_eval
         final_eval = evaluate(model, val_windows, batch_size=train_cfg.batch_size)
         row = {"step": step, "loss": final_eval.loss, "loss_per_label": final_eval.loss_per_label}
+        if final_eval.experts_per_token:
+            row["experts_per_token"] = final_eval.experts_per_token
         history.append(row)
         _append_jsonl(eval_log_path, row)
 

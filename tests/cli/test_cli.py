@@ -61,6 +61,13 @@ def test_set_overrides_router_and_resume(tmp_path):
     assert info["router"] == "topp" and info["router_args"] == {"p": 0.5, "max_k": 3}
     r = invoke(*args, "--resume")
     assert "finished at step 4" in r.output, r.output
+    # top-p uses a variable number of experts: inspect reports what validation measured, not a nominal k
+    last = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-1]
+    measured = sum(last["experts_per_token"]) / len(last["experts_per_token"])
+    info = json.loads(invoke("inspect", str(run), "--json").output)
+    assert 1.0 <= measured <= 3.0 and info["variable_k"] and info["measured"]
+    assert info["experts_per_token"] == measured and info["experts_per_token_step"] == 4
+    assert "measured on validation at step 4" in invoke("inspect", str(run)).output
 
 
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path):

@@ -142,3 +142,20 @@ def test_bad_config_and_input():
         model(torch.full((1, 3), 64))
     with pytest.raises(ValueError, match=r"\[B, L\]"):
         model(torch.zeros(3, dtype=torch.long))
+
+
+def test_count_params_uses_measured_experts_per_token():
+    from moekit.models import count_params
+
+    base = dict(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16, num_experts=8,
+                expert_hidden=8)
+    topk = count_params(LMConfig(**base, router_args={"k": 2}))
+    per_expert = topk.experts_total // 8
+    assert topk.experts_active == 2 * per_expert and not topk.variable_k and not topk.measured
+    topp = count_params(LMConfig(**base, router="topp", router_args={"p": 0.5}))
+    assert topp.variable_k and topp.experts_active == topp.experts_total  # unmeasured: the bound, every expert
+    topp3 = count_params(LMConfig(**base, router="topp", router_args={"p": 0.5, "max_k": 3}))
+    assert topp3.experts_active == 3 * per_expert
+    m = count_params(LMConfig(**base, router="topp", router_args={"p": 0.5}), experts_per_token=1.5)
+    assert m.measured and m.experts_active == int(topp.experts_total * 1.5 / 8)
+    assert m.active - m.experts_active == topp.active - topp.experts_active
