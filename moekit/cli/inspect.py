@@ -24,13 +24,15 @@ def inspect(
         return
     from moekit.models import LMConfig, count_params
     from moekit.train import read_meta
+    from moekit.train.checkpoint import checkpoint_dir
+    from moekit.utils.readers import check_safetensors
 
+    meta = read_meta(path)
     try:
-        meta = read_meta(path)
         cfg = LMConfig.from_dict(meta["model"])
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint_dir(path) / 'config.json'}: bad model config: {e}") from e
+    check_safetensors(checkpoint_dir(path) / "model.safetensors")  # the header only, no tensor data
     pc = count_params(cfg)
     layers = [
         ("moe" if cfg.is_moe_layer(i) else "dense") + (f"+mod {cfg.mod_capacity:g}" if cfg.is_depth_layer(i) else "")
@@ -75,11 +77,7 @@ def inspect(
 def _inspect_hf(path: Path, as_json: bool) -> None:
     from moekit.hf.inspect import describe
 
-    try:
-        info = describe(path)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    info = describe(path)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
