@@ -119,6 +119,21 @@ def test_disk_full_while_writing_a_checkpoint_names_the_run_and_leaves_nothing(t
     assert not run.exists()  # no empty run folder, no .checkpoint-* temporary folder
 
 
+def test_disk_full_on_resume_keeps_the_checkpoint_and_drops_the_temporary(trained_run, monkeypatch):
+    import moekit.train.checkpoint as ckpt
+
+    def full(state, path, *args, **kwargs):
+        pathlib.Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    before = (trained_run / "checkpoint" / "model.safetensors").read_bytes()
+    line = fails(*TRAIN, "--out", trained_run, "--resume", "--steps", "3")
+    assert "No space left on device" in line
+    assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]
+    assert (trained_run / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
 def test_disk_full_in_an_atomic_write_names_the_file(tmp_path, monkeypatch):
     from moekit.utils.io import atomic_write_text
 
