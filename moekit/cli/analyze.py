@@ -28,19 +28,18 @@ def analyze(
 ) -> None:
     """Trace PATH's routing and report load, specialisation, affinity, SRP/SCH and super experts."""
     from moekit.analyze.run import analyze_run
+    from moekit.utils.cleanup import undo_on_failure
 
     set_threads(threads)
-    if (out / "report.html").exists() and not overwrite:
-        typer.echo(f"error: {out}/report.html exists; pass --overwrite or choose another --out", err=True)
-        raise typer.Exit(2)
     beh = None
     if behaviour:
         parts = behaviour.split(":")
         if len(parts) != 3:
-            typer.echo("error: --behaviour expects COLUMN:A:B", err=True)
-            raise typer.Exit(2)
+            raise typer.BadParameter(f"expected COLUMN:A:B, got {behaviour!r}", param_hint="--behaviour")
         beh = (parts[0], parts[1], parts[2])
-    try:
+    if (out / "report.html").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'report.html'} exists; pass --overwrite or choose another --out")
+    with undo_on_failure(out):  # a failed analysis leaves none of its files (no lone trace.parquet)
         report = analyze_run(
             path,
             out,
@@ -51,7 +50,4 @@ def analyze(
             behaviour=beh,
             progress=not no_progress,
         )
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"wrote {report} and {out / 'metrics.json'}")

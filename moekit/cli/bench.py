@@ -39,10 +39,6 @@ def routers(
         return
     set_threads(threads)
     names = [n.strip() for n in routers.split(",") if n.strip()] if routers else None
-    try:
-        res = run_leaderboard(budget, names, out, seed=seed, progress=not no_progress, log=typer.echo)
-    except (ValueError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    res = run_leaderboard(budget, names, out, seed=seed, progress=not no_progress, log=typer.echo)
     best = min(res.rows, key=lambda r: r["val_loss"])
     typer.echo(f"best: {best['router']} (val loss {best['val_loss']:.3f}); leaderboard: {res.out / 'leaderboard.md'}")

@@ -13,26 +13,19 @@ from moekit.cli.options import ThreadsOpt, set_threads
 
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="run directory written by `moekit train`")],
-    windows: Annotated[int, typer.Option(help="validation windows per domain")] = 32,
+    windows: Annotated[
+        int | None, typer.Option(help="validation windows per domain (default: the run's eval_windows)")
+    ] = None,
     seq_len: Annotated[int | None, typer.Option(help="window length (default: the run's training seq_len)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     threads: ThreadsOpt = 0,
 ) -> None:
-    """Evaluate RUN on the validation split of the data it was trained on."""
-    from moekit.data import DataConfig, prepare_data
-    from moekit.train import evaluate, load_model, read_meta
-    from moekit.train.run import val_windows
+    """Evaluate RUN on the validation split of the data it was trained on; with the defaults this is the
+    validation loss that training printed at its last step."""
+    from moekit.train.evaluate import evaluate_run
 
     set_threads(threads)
-    try:
-        meta = read_meta(run)
-        model = load_model(run)
-        data = prepare_data(DataConfig(**meta["data"]), progress=False)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    L = seq_len or meta["train"]["seq_len"]
-    res = evaluate(model, val_windows(data, L, windows))
+    meta, res = evaluate_run(run, windows=windows, seq_len=seq_len)
     if as_json:
         typer.echo(json.dumps({"step": meta.get("step"), "loss": res.loss, "loss_per_label": res.loss_per_label}))
         return

@@ -27,23 +27,19 @@ def generate(
 
     set_threads(threads)
     tok_path = Path(run) / "tokenizer.json"
-    try:
-        model = load_model(run).eval()
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"{tok_path} is missing: the run has no tokenizer")
-        tok = BPETokenizer.load(tok_path)
-        ids = tok.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty after tokenisation")
-        out = model.generate(
-            torch.tensor([ids]),
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_id=tok.eos_id,
-            generator=torch.Generator().manual_seed(seed),
-        )
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    model = load_model(run).eval()
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path} is missing: the run has no tokenizer")
+    tok = BPETokenizer.load(tok_path)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("--prompt is empty after tokenisation")
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=tok.eos_id,
+        generator=torch.Generator().manual_seed(seed),
+    )
     typer.echo(tok.decode(out[0].tolist(), skip_special_tokens=True))

@@ -24,14 +24,16 @@ def inspect(
         return
     from moekit.models import LMConfig, count_params
     from moekit.train import read_meta
+    from moekit.train.checkpoint import checkpoint_dir
     from moekit.train.evaluate import measured_experts_per_token
+    from moekit.utils.readers import check_safetensors
 
+    meta = read_meta(path)
     try:
-        meta = read_meta(path)
         cfg = LMConfig.from_dict(meta["model"])
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{checkpoint_dir(path) / 'config.json'}: bad model config: {e}") from e
+    check_safetensors(checkpoint_dir(path) / "model.safetensors")  # the header only, no tensor data
     measured = measured_experts_per_token(path if (path / "eval.jsonl").is_file() else path.parent)
     pc = count_params(cfg, measured[1] if measured else None)
     layers = [
@@ -89,11 +91,7 @@ def inspect(
 def _inspect_hf(path: Path, as_json: bool) -> None:
     from moekit.hf.inspect import describe
 
-    try:
-        info = describe(path)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    info = describe(path)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

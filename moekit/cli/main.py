@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, route, train
+from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
     name="moekit",
     help="moekit: Mixture-of-Experts routers, experts, analysis and serving under one contract.",
     no_args_is_help=True,
     add_completion=False,
+    cls=Group,
+    pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="MOEKIT_DEBUG", help="show the full traceback when a command fails")
+    ] = False,
+) -> None:
+    """moekit: Mixture-of-Experts routers, experts, analysis and serving under one contract."""
+
+
 app.command(name="demo", help=demo.__doc__)(demo.demo)
 app.command(name="quickstart")(quickstart.quickstart)
 app.command(name="train")(train.train)
@@ -22,6 +38,7 @@ app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
+plain_help(app)
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ from moekit.cli.options import NoProgressOpt, ThreadsOpt, set_threads
 
 def quickstart(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/quickstart"),
-    steps: Annotated[int, typer.Option(help="training steps per model")] = 250,
+    steps: Annotated[
+        int, typer.Option(help="training steps per model; on an existing OUT, continues its runs to this many")
+    ] = 250,
     threads: ThreadsOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
@@ -22,14 +24,14 @@ def quickstart(
 
     from moekit.train.quickstart import QuickstartConfig
     from moekit.train.quickstart import quickstart as run_quickstart
+    from moekit.utils.cleanup import undo_on_failure
 
     set_threads(threads)
     console = Console()
-    try:
-        res = run_quickstart(QuickstartConfig(out=str(out), steps=steps), progress=not no_progress, log=console.print)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    with undo_on_failure(out, keep=lambda p: (p / "checkpoint" / "model.safetensors").is_file()):
+        res = run_quickstart(
+            QuickstartConfig(out=str(out), steps=steps), progress=not no_progress, log=console.print
+        )
     labels = sorted(res.evals["dense"].loss_per_label)
     table = Table(title=f"validation loss after {steps} steps (nats/token, lower is better)")
     for col in ("model", "active params", "overall", *labels):

@@ -37,20 +37,18 @@ def train(
     from moekit.train import TrainConfig
     from moekit.train.overrides import apply_overrides
     from moekit.train.run import run_training
+    from moekit.utils.cleanup import undo_on_failure
 
     set_threads(threads)
     spec = data if data and data != ["builtin"] else "builtin"
-    try:
-        model_cfg = get_preset(preset, vocab_size=vocab_size)
-        train_cfg = TrainConfig(
-            steps=steps, batch_size=batch_size, seq_len=seq_len or model_cfg.max_seq_len, lr=lr, seed=seed
-        )
-        data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
-        cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])
-        keys = [pair.split("=", 1)[0].removeprefix("model.") for pair in set_ or []]
-        if cfgs["model"].router != model_cfg.router and not any(k.startswith("router_args") for k in keys):
-            # the preset's router arguments belong to the preset's router: a new router starts from its defaults
-            cfgs["model"] = cfgs["model"].replace(router_args={})
+    model_cfg = get_preset(preset, vocab_size=vocab_size)
+    train_cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, seq_len=seq_len or model_cfg.max_seq_len, lr=lr, seed=seed
+    )
+    data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
+    cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])
+    # a failed run leaves no empty run folder and no temporary checkpoint; a written checkpoint is kept
+    with undo_on_failure(out, keep=lambda _: (Path(out) / "checkpoint" / "model.safetensors").is_file()):
         result = run_training(
             cfgs["model"],
             cfgs["train"],
@@ -60,9 +58,6 @@ def train(
             stop_after=stop_after,
             progress=not no_progress,
         )
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     ev = result.final_eval
     status = "interrupted at" if result.interrupted else "finished at"
     typer.echo(f"{status} step {result.step}; checkpoint in {Path(out) / 'checkpoint'}")

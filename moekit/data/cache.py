@@ -46,8 +46,10 @@ def _write_atomic(path: Path, write) -> None:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files are ordinary readable files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = str(path)  # e.g. ENOSPC from write(): say which file
         raise
 
 

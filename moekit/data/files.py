@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def load_documents(
         label_field: JSONL field / Parquet column that holds the domain label (values become strings).
             Without it every document of a file is labelled `label`, or the file's stem when `label` is None.
         label: fixed label for documents whose file has no label field.
+    A file (or record) with no text is skipped with a warning naming it; no text at all is an error.
+
     Raises:
         FileNotFoundError: a path does not exist. ValueError: unsupported extension or malformed content.
         KeyError: a record lacks `text_field` or `label_field`.
@@ -132,14 +135,21 @@ def load_documents(
     if label_field is not None and label is not None:
         raise ValueError(f"pass label_field ({label_field!r}) or a fixed label ({label!r}), not both")
     docs: list[Document] = []
-    for path in resolve_paths(paths):
+    files = resolve_paths(paths)
+    for path in files:
         suffix = path.suffix.lower()
         if suffix == ".txt":
-            docs.extend(_load_txt(path, label))
+            found = _load_txt(path, label)
         elif suffix == ".jsonl":
-            docs.extend(_load_jsonl(path, text_field, label_field, label))
+            found = _load_jsonl(path, text_field, label_field, label)
         else:
-            docs.extend(_load_parquet(path, text_field, label_field, label))
+            found = _load_parquet(path, text_field, label_field, label)
+        kept = [d for d in found if d.text.strip()]
+        if not kept:
+            warnings.warn(f"{path} holds no text; skipped", stacklevel=2)
+        elif len(kept) < len(found):
+            warnings.warn(f"{path}: skipped {len(found) - len(kept)} document(s) with no text", stacklevel=2)
+        docs.extend(kept)
     if not docs:
-        raise ValueError(f"expected documents in {[str(p) for p in resolve_paths(paths)]}, found none")
+        raise ValueError(f"no text in the data files {[str(p) for p in files]}: every document is empty")
     return docs

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,12 @@ from moekit.data.sources import SOURCES
 from moekit.data.split import split_documents
 from moekit.data.tokenizer import EOS_TOKEN, BPETokenizer, TokenizerConfig, tokenizer_config_dict
 
-FORMAT_VERSION = 1  # bump when the layout of a cache entry or the way it is built changes
+FORMAT_VERSION = 2  # bump when the layout of a cache entry or the way it is built changes
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """`path` made absolute against the working directory (`~` expanded, `..` folded, links kept)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 @dataclass
@@ -48,12 +54,15 @@ class DataConfig:
     tokenizer: str | None = None  # path of an existing tokenizer.json to use instead of training one
 
     def __post_init__(self) -> None:
+        # paths are stored absolute, so a run's config finds its data from any working directory
         if isinstance(self.spec, str | os.PathLike) and str(self.spec) != "builtin":
-            self.spec = [str(self.spec)]
+            self.spec = [_absolute(self.spec)]
         elif not isinstance(self.spec, str):
-            self.spec = [str(p) for p in self.spec]
+            self.spec = [_absolute(p) for p in self.spec]
             if not self.spec:
                 raise ValueError("DataConfig.spec must be 'builtin' or a non-empty list of paths, found []")
+        if self.tokenizer is not None:
+            self.tokenizer = _absolute(self.tokenizer)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"DataConfig.val_fraction must be in (0, 1), found {self.val_fraction}")
         if self.max_chars_per_domain < 1:
@@ -182,11 +191,17 @@ def prepare_data(
     description = {"settings": _settings(config), "sources": _fingerprint(config), "versions": _versions()}
     directory = cache_root(cache_dir) / "data" / cache_key(description)
     if (directory / "meta.json").is_file():
-        return _open(directory, config, json.loads((directory / "meta.json").read_text()))
+        meta = json.loads((directory / "meta.json").read_text())
+        for message in meta.get("warnings", []):  # what building the entry warned about (skipped files)
+            warnings.warn(message, stacklevel=2)
+        return _open(directory, config, meta)
 
     t0 = time.perf_counter()
-    with status("reading documents", progress):
+    with status("reading documents", progress), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         docs = _load(config)
+    for w in caught:
+        warnings.warn(w.message, stacklevel=2)
     train_docs, val_docs = split_documents(docs, config.val_fraction, config.seed)
     label_names = sorted({d.label for d in docs})
     if config.tokenizer is not None:
@@ -197,25 +212,31 @@ def prepare_data(
         )
         with status(f"training a byte-level BPE tokenizer (vocab {config.vocab_size})", progress):
             tokenizer = BPETokenizer.train((d.text for d in train_docs), tok_config, length=len(train_docs))
-    with atomic_dir(directory) as tmp:
-        tokenizer.save(tmp / "tokenizer.json")
-        counts = {
-            "train": write_split(
-                train_docs, tokenizer, label_names, tmp / "train", description="tokenising train", progress=progress
-            ),
-            "val": write_split(
-                val_docs, tokenizer, label_names, tmp / "val", description="tokenising val", progress=progress
-            ),
-        }
-        meta = {
-            **description,
-            "label_names": label_names,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "counts": counts,
-            "characters": {name: sum(len(d.text) for d in docs if d.label == name) for name in label_names},
-            "tokenizer_config": None if config.tokenizer else tokenizer_config_dict(tok_config),
-            "build_seconds": round(time.perf_counter() - t0, 2),
-        }
-        write_json_atomic(tmp / "meta.json", meta)
+    try:
+        with atomic_dir(directory) as tmp:
+            tokenizer.save(tmp / "tokenizer.json")
+            counts = {
+                "train": write_split(
+                    train_docs, tokenizer, label_names, tmp / "train", description="tokenising train", progress=progress
+                ),
+                "val": write_split(
+                    val_docs, tokenizer, label_names, tmp / "val", description="tokenising val", progress=progress
+                ),
+            }
+            meta = {
+                **description,
+                "label_names": label_names,
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+                "counts": counts,
+                "characters": {name: sum(len(d.text) for d in docs if d.label == name) for name in label_names},
+                "tokenizer_config": None if config.tokenizer else tokenizer_config_dict(tok_config),
+                "build_seconds": round(time.perf_counter() - t0, 2),
+                "warnings": [str(w.message) for w in caught],
+            }
+            write_json_atomic(tmp / "meta.json", meta)
+    except PermissionError as e:  # e.g. a read-only MOEKIT_CACHE
+        raise PermissionError(
+            e.errno, f"{e.strerror} (writing the data cache; set MOEKIT_CACHE to a writable folder)", e.filename
+        ) from e
     return _open(directory, config, meta)

@@ -89,7 +89,12 @@ class BPETokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"expected a tokenizer JSON file at {path}, found nothing")
-        return cls(require("tokenizers").Tokenizer.from_file(str(path)))
+        tokenizers = require("tokenizers")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise ValueError(f"{path}: not a readable tokenizer JSON file: {e}") from e
+        return cls(tok)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON (the `tokenizers` format, loadable by transformers), atomically."""

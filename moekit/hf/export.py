@@ -235,14 +235,82 @@ def check_logits(model: Any, hf: Any, *, tokens: int = 16, atol: float = 1e-4) -
     return diff
 
 
-def export_lm(model: Any, family: str, out: str | Path, *, check: bool = True) -> Path:
+def write_tokenizer(tokenizer_json: str | Path, out: str | Path, *, model_max_length: int) -> None:
+    """Put a moekit tokenizer (`tokenizer.json`, the `tokenizers` format) into a transformers folder:
+    the file itself and a `tokenizer_config.json` naming `PreTrainedTokenizerFast` and the end-of-text
+    token, so `AutoTokenizer.from_pretrained(out)` loads it offline with the same token ids."""
+    import json
+    import shutil
+
+    from moekit.data.tokenizer import EOS_TOKEN
+
+    out = Path(out)
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete folder `tmp` to `final`; an existing `final` is moved aside first (to a fresh
+    hidden name) and removed only once the new folder is in place."""
+    import os
+    import shutil
+    import tempfile
+
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+    os.replace(final, aside / final.name)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(aside / final.name, final)  # put the old export back
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def export_lm(
+    model: Any,
+    family: str,
+    out: str | Path,
+    *,
+    check: bool = True,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write moekit LM `model` as a transformers `family` checkpoint in `out` (`save_pretrained`
-    layout; loads with `AutoModelForCausalLM.from_pretrained`). With `check`, first verify that
-    the transformers model gives the same logits. Raises `ExportError` with the reasons when the
-    family cannot express the model; nothing is written then."""
+    layout; loads with `AutoModelForCausalLM.from_pretrained`), with the run's `tokenizer` (a
+    `tokenizer.json`) when given. With `check`, first verify that the transformers model gives the
+    same logits. Raises `ExportError` with the reasons when the family cannot express the model, and
+    `FileExistsError` when `out` exists and not `overwrite`; nothing is written then. The folder is
+    written under a temporary name and renamed into place, so a failure leaves no half export and an
+    overwritten export is replaced in one step."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     hf = to_hf(model, family)
     if check:
         check_logits(model, hf)
-    out = Path(out)
-    hf.save_pretrained(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        hf.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, tmp, model_max_length=model.config.max_seq_len)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moekit.models import LMConfig, MoELM
 from moekit.utils.io import replace_dir
+from moekit.utils.readers import load_safetensors, load_torch_state, read_json_object
 
 CKPT = "checkpoint"
 
@@ -56,16 +57,24 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint."""
-    return json.loads((checkpoint_dir(path) / "config.json").read_text())
+    """config.json of a checkpoint (a JSON object with a "model" object); errors name the file."""
+    f = checkpoint_dir(path) / "config.json"
+    meta = read_json_object(f)
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{f}: expected a \"model\" object (the model config), found {meta.get('model')!r:.60}")
+    return meta
 
 
 def load_model(path: str | Path, *, map_location: str = "cpu") -> MoELM:
     """Rebuild the model from config.json and load its weights; tensors must match the config exactly."""
     ckpt = checkpoint_dir(path)
-    cfg = LMConfig.from_dict(read_meta(ckpt)["model"])
+    meta = read_meta(ckpt)
+    try:
+        cfg = LMConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt / 'config.json'}: bad model config: {e}") from e
     model = MoELM(cfg)
-    state = load_file(str(ckpt / "model.safetensors"), device=map_location)
+    state = load_safetensors(ckpt / "model.safetensors", device=map_location)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     expected = model.state_dict()
@@ -91,4 +100,4 @@ def load_model(path: str | Path, *, map_location: str = "cpu") -> MoELM:
 def load_trainer_state(path: str | Path) -> dict | None:
     """Optimiser/RNG state of a checkpoint (None when absent). Tensors and plain data only."""
     f = checkpoint_dir(path) / "trainer_state.pt"
-    return torch.load(f, weights_only=True) if f.is_file() else None
+    return load_torch_state(f) if f.is_file() else None

@@ -1,10 +1,18 @@
-"""Validation: loss per label on fixed windows, and expert load per label and MoE layer."""
+"""Validation: loss per label on fixed windows, and expert load per label and MoE layer.
+
+One definition of a run's validation loss, used by training (every `eval_every` steps and at the end),
+by `moekit eval` and by the quickstart: the windows of `validation_windows(data, train.seq_len,
+train.eval_windows)`, evaluated in batches of `train.batch_size`. So `moekit eval RUN` prints the final
+validation loss that training printed and logged.
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +39,57 @@ class EvalResult:
         return dict(self.__dict__)
 
 
+def validation_windows(data: Any, seq_len: int, per_label: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """label -> (inputs [N, L], targets [N, L]) from the validation split of `data` (a `PreparedData`):
+    at most `per_label` fixed windows per label. A label whose validation text is shorter than one window
+    is left out with a warning naming it (never a loss over 0 tokens); no window at all is a ValueError."""
+    wins = data.val.val_windows(seq_len, max_windows_per_label=per_label)
+    out = {label: (w[:, :-1], w[:, 1:]) for label, w in wins.items() if len(w)}
+    tokens = data.val.tokens_per_label()
+    for label in sorted(set(wins) - set(out)):
+        warnings.warn(
+            f"label {label!r} has {tokens.get(label, 0)} validation tokens, fewer than one window of "
+            f"{seq_len + 1}; it is left out of validation",
+            stacklevel=2,
+        )
+    if not out:
+        raise ValueError(
+            f"no validation window of {seq_len + 1} tokens fits in the validation split (tokens per label: "
+            f"{tokens}); use a shorter seq_len or more data"
+        )
+    return out
+
+
+def evaluate_run(
+    run: str | Path, *, windows: int | None = None, seq_len: int | None = None, progress: bool = False
+) -> tuple[dict, EvalResult]:
+    """(config.json of the checkpoint, validation of its model) on the data the run was trained on, with
+    the run's own validation settings (`eval_windows`, `seq_len`, `batch_size`) unless overridden."""
+    from moekit.data import DataConfig, prepare_data
+    from moekit.train.checkpoint import load_model, read_meta
+
+    meta = read_meta(run)
+    train = meta.get("train")
+    if not isinstance(train, dict) or not isinstance(meta.get("data"), dict):
+        raise ValueError(f"{run}: the checkpoint's config.json has no train or data config (not a training run)")
+    model = load_model(run)
+    data = prepare_data(DataConfig(**meta["data"]), progress=progress)
+    wins = validation_windows(data, seq_len or train["seq_len"], windows or train["eval_windows"])
+    return meta, evaluate(model, wins, batch_size=train["batch_size"])
+
+
 @torch.no_grad()
 def evaluate(model: MoELM, windows: dict[str, tuple[Tensor, Tensor]], batch_size: int = 16) -> EvalResult:
-    """windows: label -> (inputs [N, L], targets [N, L]). The model is put in eval mode and restored."""
+    """windows: label -> (inputs [N, L], targets [N, L]). The model is put in eval mode and restored.
+    A label without windows has no loss (it is not reported as 0 over 0 tokens)."""
     was_training = model.training
     model.eval()
     losses, counts, experts = {}, {}, {}
     moe_layers: list[int] = []
     total_loss, total_tokens = 0.0, 0
     for label, (x, y) in windows.items():
+        if not x.shape[0]:
+            continue
         label_loss, label_tokens = 0.0, 0
         label_experts: list[Tensor] | None = None
         for i in range(0, x.shape[0], batch_size):

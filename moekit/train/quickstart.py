@@ -13,11 +13,11 @@ import torch
 from moekit.data import DataConfig, prepare_data
 from moekit.models import count_params
 from moekit.models.presets import preset
-from moekit.train.checkpoint import load_model
+from moekit.train.checkpoint import load_model, read_meta
 from moekit.train.config import TrainConfig
-from moekit.train.evaluate import EvalResult, evaluate
+from moekit.train.evaluate import EvalResult, evaluate_run
 from moekit.train.report import domain_expert_shares, plot_domain_expert_heatmap, plot_loss_curves, specialists
-from moekit.train.run import run_training, val_windows
+from moekit.train.run import run_training
 from moekit.utils.io import atomic_write_text
 
 
@@ -59,7 +59,8 @@ class QuickstartResult:
 
 
 def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> QuickstartResult:
-    """Train both models (resuming or reusing finished runs in `cfg.out`), evaluate, write the report."""
+    """Train both models, evaluate, write the report. Runs already in `cfg.out` are reused when they
+    reached `cfg.steps`, resumed when interrupted, and continued to `cfg.steps` when it is larger."""
     out = Path(cfg.out)
     data_cfg = DataConfig(vocab_size=cfg.vocab_size, max_chars_per_domain=cfg.max_chars_per_domain, seed=cfg.seed)
     data = prepare_data(data_cfg, progress=progress)
@@ -78,19 +79,19 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
         model_cfg = preset(p, vocab_size=data.vocab_size, max_seq_len=cfg.seq_len)
         run_dir = out / name
         exists = (run_dir / "checkpoint").exists()
+        run_cfg = continued(run_dir, train_cfg) if exists else train_cfg
         pc = count_params(model_cfg)
         params[name] = pc.as_dict()
         log(
             f"{name} ({p}): {pc.total / 1e6:.2f}M parameters, {pc.active / 1e6:.2f}M active per token"
-            + (" (resuming the run in " + str(run_dir) + ")" if exists else "")
+            + (f" (continuing the run in {run_dir} to step {cfg.steps})" if exists else "")
         )
         t0 = time.perf_counter()
-        run_training(model_cfg, train_cfg, data_cfg, run_dir, resume=exists, progress=progress)
+        run_training(model_cfg, run_cfg, data_cfg, run_dir, resume=exists, progress=progress)
         seconds[name] = time.perf_counter() - t0
         runs[name] = run_dir
 
-    windows = val_windows(data, cfg.seq_len, cfg.eval_windows)
-    evals = {name: evaluate(load_model(run), windows) for name, run in runs.items()}
+    evals = {name: evaluate_run(run)[1] for name, run in runs.items()}  # what `moekit eval RUN` prints
     moe_eval = evals["moe"]
     spec = specialists(moe_eval.expert_counts)
     figures = [
@@ -106,6 +107,22 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
     report = out / "report.md"
     atomic_write_text(report, render_report(cfg, evals, params, seconds, spec, sample))
     return QuickstartResult(out, evals, params, seconds, spec, sample, report, figures)
+
+
+def continued(run_dir: Path, train_cfg: TrainConfig) -> TrainConfig:
+    """The train config that continues the quickstart run in `run_dir` to `train_cfg.steps`: the settings
+    that `short_run` derives from the step count (warmup, checkpoint cadence) stay those the run started
+    with, and the learning-rate schedule stretches to the new end from where the run stands. A run that
+    went further than `train_cfg.steps` is not cut back: that is an error naming both counts."""
+    old = read_meta(run_dir).get("train") or {}
+    done = old.get("steps", 0)
+    if done > train_cfg.steps:
+        raise ValueError(
+            f"{run_dir} was trained for {done} steps, more than --steps {train_cfg.steps}; pass --steps {done} "
+            f"(or more, to continue it) or choose another --out for a fresh pair"
+        )
+    keep = {k: old[k] for k in ("warmup_steps", "ckpt_every") if k in old}
+    return dataclasses.replace(train_cfg, **keep)
 
 
 def render_report(cfg, evals, params, seconds, spec, sample) -> str:

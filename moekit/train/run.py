@@ -10,13 +10,8 @@ from moekit.data import DataConfig, PreparedData, prepare_data
 from moekit.models import LMConfig
 from moekit.train.checkpoint import read_meta
 from moekit.train.config import TrainConfig
+from moekit.train.evaluate import validation_windows as val_windows  # the one definition of validation
 from moekit.train.trainer import TrainResult, train
-
-
-def val_windows(data: PreparedData, seq_len: int, per_label: int) -> dict:
-    """label -> (inputs [N, L], targets [N, L]) from the validation split."""
-    wins = data.val.val_windows(seq_len, max_windows_per_label=per_label)
-    return {label: (w[:, :-1], w[:, 1:]) for label, w in wins.items()}
 
 
 def check_fits(model_cfg: LMConfig, train_cfg: TrainConfig, data: PreparedData) -> None:

@@ -106,9 +106,9 @@ def test_cli_reuses_finished_runs_and_rejects_unknown_entries(smoke):
     assert {r["router"]: r["val_loss"] for r in again["rows"]} == {k: first[k] for k in ("topk", "chain")}
     other_seed = runner.invoke(app, ["bench", "routers", "--routers", "topk", "--seed", "1", "--out",
                                      str(root / "out"), "--no-progress"], env={"MOEKIT_CACHE": str(root / "cache")})
-    assert other_seed.exit_code == 2 and "another model or training config" in other_seed.output
+    assert other_seed.exit_code == 1 and "another model or training config" in other_seed.output
     bad = runner.invoke(app, ["bench", "routers", "--routers", "nope", "--out", str(root / "x")])
-    assert bad.exit_code == 2 and "known:" in bad.output
+    assert bad.exit_code == 1 and "known:" in bad.output
     listed = runner.invoke(app, ["bench", "routers", "--list"])
     assert listed.exit_code == 0 and "budget small" in listed.output
 

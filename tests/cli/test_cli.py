@@ -73,14 +73,14 @@ def test_set_overrides_router_and_resume(tmp_path):
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     r = invoke("train", "--preset", "micro-moe", "--out", str(run), "--data", str(tmp_path / "missing.txt"), *SMALL)
-    assert r.exit_code == 2 and "missing.txt" in r.output
+    assert r.exit_code == 1 and "missing.txt" in r.output
     r = invoke("train", "--preset", "micro-moe", "--out", str(run), "--set", "colour=blue", *SMALL)
-    assert r.exit_code == 2 and "no such config field" in r.output and "model.router" in r.output
+    assert r.exit_code == 1 and "no such config field" in r.output and "model.router" in r.output
     r = invoke("train", "--preset", "nano", "--out", str(run), *SMALL)
-    assert r.exit_code == 2 and "known presets" in r.output
+    assert r.exit_code == 1 and "known presets" in r.output
     assert not run.exists()
     r = invoke("inspect", str(tmp_path / "nothing"))
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 1 and "does not exist" in r.output
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -89,9 +89,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert invoke(*base).exit_code == 0
     before = (run / "checkpoint" / "model.safetensors").read_bytes()
     r = invoke(*base)
-    assert r.exit_code == 2 and "--resume" in r.output
+    assert r.exit_code == 1 and "--resume" in r.output
     r = invoke(*base, "--resume", "--set", "dim=64")
-    assert r.exit_code == 2 and "model config differs" in r.output
+    assert r.exit_code == 1 and "model config differs" in r.output
     assert (run / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
@@ -144,9 +144,9 @@ def test_analyze_writes_report_and_refuses_to_overwrite(tmp_path):
     html = (out / "report.html").read_text()
     assert "Specialisation" in html and "data:image/png;base64" in html
     r = invoke("analyze", str(run), "--out", str(out), "--no-progress")
-    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert r.exit_code == 1 and "--overwrite" in r.output
     r = invoke("analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--no-progress")
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 1 and "does not exist" in r.output
 
 
 def test_switching_router_drops_the_presets_router_args(tmp_path):

@@ -65,3 +65,18 @@ def test_invalid_json_line(tmp_path):
     p.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2: expected one JSON object per line"):
         load_documents(p)
+
+
+def test_files_without_text_are_skipped_with_a_warning(tmp_path):
+    (tmp_path / "poems.txt").write_text("roses are red\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "kept"}) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        docs = load_documents(tmp_path)
+    assert [d.text for d in docs] == ["roses are red\n", "kept"]
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [f"{tmp_path / 'empty.txt'} holds no text; skipped",
+                        f"{tmp_path / 'rows.jsonl'}: skipped 1 document(s) with no text"]
+    with pytest.raises(ValueError, match=r"no text in the data files .*empty\.txt.*every document is empty"), \
+            pytest.warns(UserWarning):
+        load_documents(tmp_path / "empty.txt")

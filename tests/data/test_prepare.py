@@ -137,3 +137,22 @@ def test_key_follows_file_identity_not_spelling(prepared, jsonl_files, tmp_path,
     edited = prepare_data(jsonl_files, label_field="domain", vocab_size=300, val_fraction=0.25, progress=False)
     assert edited.directory != prepared.directory
     assert edited.train.num_documents + edited.val.num_documents == 25
+
+
+def test_config_stores_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text("{}")
+    cfg = DataConfig(spec=["a.txt", "sub/../b.jsonl"], tokenizer="t.json")
+    assert cfg.spec == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    assert cfg.tokenizer == str(tmp_path / "t.json")
+    assert DataConfig(spec="a.txt").spec == [str(tmp_path / "a.txt")] and DataConfig().spec == "builtin"
+    assert DataConfig(**{**cfg.__dict__}) == cfg  # a config read back from a run is unchanged
+
+
+def test_skipped_files_warn_on_build_and_on_reuse(tmp_path, jsonl_files):
+    (tmp_path / "empty.txt").write_text("")
+    files = [*jsonl_files, tmp_path / "empty.txt"]
+    for _ in range(2):  # the second call opens the cached entry
+        with pytest.warns(UserWarning, match=r"empty\.txt holds no text; skipped"):
+            data = prepare_data(files, label_field="domain", vocab_size=300, val_fraction=0.25, progress=False)
+        assert data.label_names == ["low", "num"]

@@ -62,7 +62,7 @@ def test_cli_inspect_reads_hf_dir(olmoe_dir):
 def test_cli_inspect_missing_weights_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe"}))
     r = CliRunner().invoke(app, ["inspect", str(tmp_path)])
-    assert r.exit_code == 2 and "no safetensors weights" in r.output
+    assert r.exit_code == 1 and "no safetensors weights" in r.output
 
 
 def test_describe_fused_layout(olmoe_dir, tmp_path):
