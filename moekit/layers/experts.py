@@ -71,6 +71,11 @@ class Experts(nn.Module):
         nn.init.normal_(first, std=1.0 / math.sqrt(self.dim))
         nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(self.hidden))
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the weights, which the input must have (outside torch.autocast)."""
+        return self.down_proj.dtype
+
     def forward(self, x: Tensor, routing: Routing, *, backend: str | None = None) -> Tensor:
         """x: [T, D], routing with expert_ids/weights [T, k] -> [T, D] = sum_slots weight * expert(x)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -83,7 +88,8 @@ class Experts(nn.Module):
             raise ValueError(
                 f"Experts: routing is over {routing.num_experts} experts but this layer has {self.num_experts}"
             )
-        check_input_dtype("Experts", x, self.down_proj.dtype)
+        if x.dtype != self.down_proj.dtype:
+            check_input_dtype("Experts", x, self.down_proj.dtype)
         fn = get_backend(backend or self.backend)
         return fn(x.contiguous(), routing.expert_ids, routing.weights, self)
 

@@ -15,9 +15,13 @@ from moekit.routing.routing import Routing
 
 
 def _weight_dtype(module: nn.Module | None) -> torch.dtype | None:
-    """dtype of the module's first floating-point parameter (None: no module, or none such)."""
+    """The dtype a part's input must have: its `weight_dtype` where it declares one (Experts, MLP: one
+    attribute read), else its first floating-point parameter's (None: no part, or no such parameter)."""
     if module is None:
         return None
+    declared = getattr(module, "weight_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 

@@ -179,3 +179,15 @@ def test_layer_under_autocast_runs_with_mixed_dtypes():
     s = moe.shared_experts(x.reshape(10, D).float())
     gate = torch.sigmoid(x.reshape(10, D).float() @ moe.shared_expert_gate.weight.t())
     torch.testing.assert_close(y.reshape(10, D).float(), (ref.float() + gate * s).detach(), atol=5e-2, rtol=5e-2)
+
+
+def test_dtype_check_covers_every_experts_variant():
+    """Variants declare no `weight_dtype`: the layer reads their first floating-point parameter."""
+    from moekit.layers.variants import EXPERTS_VARIANTS, build_experts
+
+    for name in EXPERTS_VARIANTS:
+        n = 2 if name in ("duo", "hecto") else E  # two fixed experts: big + small, FFN + GRU
+        moe = MoE(router=build_router("topk", dim=D, num_experts=n, k=1),
+                  experts=build_experts(name, num_experts=n, dim=D, hidden=F))
+        with pytest.raises(TypeError, match=r"MoE \(experts\): input dtype torch.float64 .* torch.float32"):
+            moe(torch.randn(1, 3, D, dtype=torch.float64))
