@@ -108,4 +108,7 @@ def _inspect_hf(path: Path, as_json: bool) -> None:
         f"  parameters: {info['total']:,} total, {info['active']:,} active per token "
         f"(experts {info['experts_total']:,} total, {info['experts_active']:,} active)"
     )
-    typer.echo(f"  weights: {info['bytes_total']:,} bytes in {info['tensors']} tensors ({', '.join(info['dtypes'])})")
+    buffers = f", buffers of {info['buffers']:,} elements included" if info["buffers"] else ""
+    typer.echo(
+        f"  weights: {info['bytes_total']:,} bytes in {info['tensors']} tensors ({', '.join(info['dtypes'])}{buffers})"
+    )

@@ -3,10 +3,19 @@ safetensors headers (sharded through `model.safetensors.index.json`, or one file
 experts, top-k, total and active parameters and bytes per expert. Only the JSON headers of the
 safetensors files are read (a few KB each), never the tensor data; transformers is not needed.
 
-Expert tensors are recognised by name in both layouts transformers uses:
-fused `...layers.{i}.<block>.experts.gate_up_proj [E, 2F, D]` / `down_proj [E, D, F]` (in memory,
-some checkpoints) and per expert `...layers.{i}.<block>.experts.{j}.<proj>.weight` (the hub layout
-`save_pretrained` writes). Shared experts (`shared_expert`, `shared_experts`) count as always active.
+Parameters only are counted: tensors that transformers saves but that are buffers in its models
+(`BUFFERS`: DeepSeek-style `e_score_correction_bias`, MiniMax's lightning-attention decay tables) are
+left out of every parameter count (reported as `buffers`; their bytes stay in `bytes_total`).
+
+Routed expert tensors are recognised by name in the layouts transformers uses: per expert
+`...layers.{i}.<block>.experts.{j}.<proj>.weight` (the hub layout `save_pretrained` writes for most
+families), fused `...layers.{i}.<block>.experts.gate_up_proj [E, 2F, D]` / `down_proj [E, D, F]` (the
+in-memory layout, some checkpoints), and Granite's fused `...layers.{i}.block_sparse_moe.input_linear`
+/ `output_linear` (3-D; Granite's shared MLP uses the same names in 2-D). Shared experts
+(`shared_expert`, `shared_experts`, `shared_mlp`) count as always active.
+
+Active parameters per token: everything but the routed experts, plus, in each MoE layer, that layer's
+routed expert parameters times k / E (rounded down).
 """
 
 from __future__ import annotations
@@ -26,9 +35,17 @@ DTYPE_BYTES = {
 NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_layer")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_activated_experts")
 
+# Last name parts of tensors that checkpoints hold but that transformers' models keep as buffers,
+# not parameters (every covered family's saved buffers: tests/hf/test_inspect.py checks the list).
+BUFFERS = frozenset({
+    "e_score_correction_bias",  # DeepSeek-V3-style routers' selection bias (GLM-4.5, dots.llm1, ...)
+    "diagonal_decay", "key_decay", "query_decay", "slope_rate",  # MiniMax lightning attention
+})
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"\.experts\.(?:gate_up_proj|down_proj|up_proj|gate_proj)(?:_bias|_blocks|_scales)?$")
+_FUSED_3D = re.compile(r"\.(?:input_linear|output_linear)\.weight$")  # Granite: [E, 2F, D], [E, D, F]
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -101,7 +118,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     cfg = top.get("text_config") if isinstance(top.get("text_config"), dict) else top
     headers = tensor_headers(path)
 
-    total = total_bytes = 0
+    total = total_bytes = buffers = 0
     expert_params: dict[int, int] = defaultdict(int)  # layer -> routed expert parameters
     expert_bytes: dict[int, float] = defaultdict(float)
     experts_seen: dict[int, set[int]] = defaultdict(set)  # layer -> per-expert ids
@@ -110,11 +127,15 @@ def describe(path: str | Path) -> dict[str, Any]:
     for name, h in headers.items():
         n = _numel(h["shape"])
         b = n * DTYPE_BYTES.get(h["dtype"], 0)
-        total += n
         total_bytes += b
         dtypes[h["dtype"]] += n
+        if name.rsplit(".", 1)[-1] in BUFFERS:
+            buffers += n
+            continue
+        total += n
         m = _LAYER.search(name)
-        per, fused = _PER_EXPERT.search(name), _FUSED.search(name)
+        per = _PER_EXPERT.search(name)
+        fused = _FUSED.search(name) or (_FUSED_3D.search(name) and len(h["shape"]) == 3)
         if m and (per or fused):
             layer = int(m.group(1))
             expert_params[layer] += n
@@ -152,6 +173,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "active": total - experts_total + experts_active,
         "experts_total": experts_total,
         "experts_active": experts_active,
+        "buffers": buffers,  # elements of non-parameter tensors (BUFFERS), in no count above
         "bytes_total": int(total_bytes),
         # one number when every MoE layer's experts are alike, else {layer: bytes}
         "bytes_per_expert": int(distinct[0]) if len(distinct) == 1

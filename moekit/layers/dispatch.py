@@ -4,11 +4,15 @@ results of `eager` (the reference) within floating-point tolerance, gradients in
 A backend is `fn(x, expert_ids, weights, experts) -> Tensor[T, D]`, where `experts` exposes
 `num_experts`, `gated`, `act`, the fused weights (`gate_up_proj [E, 2F, D]` or `up_proj [E, F, D]`,
 and `down_proj [E, D, F]`). Slots with id -1 are skipped (no compute, zero contribution).
+
+Input and weights share one dtype (`Experts.forward` checks it), except inside `torch.autocast`: there
+every backend runs the expert matmuls in the autocast dtype, as `nn.Linear` would (`_operands`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +54,26 @@ def _first_matrix(experts) -> Tensor:
     return experts.gate_up_proj if experts.gated else experts.up_proj
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype of the `torch.autocast` region enabled for x's device, or None outside one."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _operands(x: Tensor, experts) -> tuple[Tensor, Tensor, Tensor, AbstractContextManager]:
+    """(x, first matrix, down_proj, context) for the expert matmuls. Inside `torch.autocast` the three
+    tensors are cast to its dtype, as autocast casts `nn.Linear`'s (differentiable: gradients reach the
+    weights in their own dtype), and the context turns autocast off for the kernels autocast does not
+    know (`grouped_mm`, the fused loop's `mm(out=)`); elsewhere the tensors as they are, no context."""
+    W1, W2 = _first_matrix(experts), experts.down_proj
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return x, W1, W2, nullcontext()
+    return x.to(dtype), W1.to(dtype), W2.to(dtype), torch.autocast(x.device.type, enabled=False)
+
+
 def _expert_mlp(h: Tensor, experts) -> Tensor:
     """Activation of the first projection's output: act(gate) * up when gated, else act(h)."""
     if experts.gated:
@@ -61,8 +85,8 @@ def _expert_mlp(h: Tensor, experts) -> Tensor:
 @register_backend("eager")
 def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code."""
+    x, W1, W2, _ = _operands(x, experts)
     out = torch.zeros_like(x)
-    W1, W2 = _first_matrix(experts), experts.down_proj
     for e in range(experts.num_experts):
         tok, slot = torch.where(expert_ids == e)
         if tok.numel() == 0:
@@ -108,35 +132,77 @@ def loop(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     """Sort slots by expert, then per expert: gate_up -> activation -> down on its contiguous slice,
     all in one autograd node (cache-sized intermediates; weight gradients written in place, no
     per-expert full-size gradient)."""
+    x, W1, W2, no_autocast = _operands(x, experts)
     p = plan(expert_ids, experts.num_experts)
     xs = x.index_select(0, p.token)  # [N, D]
-    ys = fused_expert_mlp(xs, _first_matrix(experts), experts.down_proj, p.counts, experts.activation, experts.gated)
+    with no_autocast:
+        ys = fused_expert_mlp(xs, W1, W2, p.counts, experts.activation, experts.gated)
     return _combine(ys, p, weights, x.shape[0])
 
 
+# The dtypes torch's grouped_mm takes (float64 is refused).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether torch.nn.functional.grouped_mm exists in this torch build."""
-    return hasattr(F, "grouped_mm")
+    """Whether torch.nn.functional.grouped_mm exists in this torch build and takes `dtype`."""
+    return hasattr(F, "grouped_mm") and dtype in GROUPED_MM_DTYPES
+
+
+# torch's grouped_mm needs every operand 16-byte aligned with a row stride (leading dimension) that
+# is a multiple of 16 bytes: odd widths (F = 13 in fp32, F = 20 or D = 33 in bf16) fail without padding.
+_GROUPED_MM_ALIGN = 16
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """t [..., R, C] itself when its rows are contiguous, 16-byte aligned and a multiple of 16 bytes
+    apart; else the same values and shape in a copy whose rows are padded with zeros to that stride
+    (the padding is never read: shapes stay [..., R, C]). Differentiable."""
+    a = _GROUPED_MM_ALIGN // t.element_size()
+    if t.stride(-1) == 1 and t.stride(-2) % a == 0 and t.data_ptr() % _GROUPED_MM_ALIGN == 0:
+        return t
+    C = t.shape[-1]
+    return F.pad(t, (0, -C % a))[..., :C]
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """a [N, I] rows sorted by group, b [G, O, I] -> [N, O] = a[rows of g] @ b[g].T for each group g,
+    as one `grouped_mm` at any I and O: operands whose row stride the kernel cannot take are padded
+    (`_aligned`), and so is the output's gradient, which the backward passes to `grouped_mm` again."""
+    y = F.grouped_mm(_aligned(a), _aligned(b).transpose(1, 2), offs=offs)  # [N, O]
+    if y.requires_grad:
+        y.register_hook(_aligned)
+    return y
 
 
 @register_backend("grouped")
 def grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Sort slots by expert and run each projection as one `torch.nn.functional.grouped_mm`."""
-    if not grouped_mm_available(x.device, x.dtype):
+    """Sort slots by expert and run each projection as one `torch.nn.functional.grouped_mm` (any D
+    and F: rows are padded to the stride the kernel needs, see `_grouped_mm`)."""
+    x, W1, W2, no_autocast = _operands(x, experts)
+    if not hasattr(F, "grouped_mm"):
         raise RuntimeError(
             "dispatch backend 'grouped' needs torch.nn.functional.grouped_mm (torch >= 2.9); "
             "upgrade torch or use backend='loop'"
         )
+    if not grouped_mm_available(x.device, x.dtype):
+        raise TypeError(
+            f"dispatch backend 'grouped': torch's grouped_mm takes {', '.join(map(str, GROUPED_MM_DTYPES))}, "
+            f"not {x.dtype}; use backend='loop' (same results) or convert the layer"
+        )
     p = plan(expert_ids, experts.num_experts)
-    xs = x.index_select(0, p.token)
+    xs = x.index_select(0, p.token)  # [N, D]
     offs = torch.tensor(p.counts, device=x.device).cumsum(0).to(torch.int32)
-    h = F.grouped_mm(xs, _first_matrix(experts).transpose(1, 2), offs=offs)  # [N, 2F]
-    ys = F.grouped_mm(_expert_mlp(h, experts), experts.down_proj.transpose(1, 2), offs=offs)  # [N, D]
+    with no_autocast:
+        h = _grouped_mm(xs, W1, offs)  # [N, 2F]
+        ys = _grouped_mm(_expert_mlp(h, experts), W2, offs)  # [N, D]
     return _combine(ys, p, weights, x.shape[0])
 
 
 def _auto(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Pick by device and shape (see docs/performance.md): grouped_mm on CUDA in 16-bit, else loop."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and grouped_mm_available(x.device, x.dtype):
+    """Pick by device and shape (see docs/performance.md): grouped_mm on CUDA in 16-bit (the input's
+    dtype, or autocast's inside torch.autocast), else loop."""
+    dtype = autocast_dtype(x) or x.dtype
+    if x.is_cuda and dtype in (torch.bfloat16, torch.float16) and grouped_mm_available(x.device, dtype):
         return grouped(x, expert_ids, weights, experts)
     return loop(x, expert_ids, weights, experts)

@@ -9,9 +9,21 @@ import torch
 from torch import Tensor, nn
 
 from moekit.layers.activations import get_activation
-from moekit.layers.dispatch import get_backend, list_backends
+from moekit.layers.dispatch import autocast_dtype, get_backend, list_backends
 from moekit.routing.routing import Routing
 from moekit.utils.checks import check_positive_ints
+
+
+def check_input_dtype(who: str, x: Tensor, weight_dtype: torch.dtype | None) -> None:
+    """Raise TypeError when x's dtype is not the weights' (a matmul would fail deep inside, or promote
+    silently), naming both and the fix. Inside `torch.autocast` a mismatch is expected and allowed: the
+    expert matmuls then run in autocast's dtype. `weight_dtype` None (no floating weights): no check."""
+    if weight_dtype is None or x.dtype == weight_dtype or autocast_dtype(x) is not None:
+        return
+    raise TypeError(
+        f"{who}: input dtype {x.dtype} does not match the weights' dtype {weight_dtype}; convert the input "
+        f"(x.to({weight_dtype})) or the layer (layer.to({x.dtype})), or run under torch.autocast"
+    )
 
 
 class Experts(nn.Module):
@@ -59,6 +71,11 @@ class Experts(nn.Module):
         nn.init.normal_(first, std=1.0 / math.sqrt(self.dim))
         nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(self.hidden))
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the weights, which the input must have (outside torch.autocast)."""
+        return self.down_proj.dtype
+
     def forward(self, x: Tensor, routing: Routing, *, backend: str | None = None) -> Tensor:
         """x: [T, D], routing with expert_ids/weights [T, k] -> [T, D] = sum_slots weight * expert(x)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -71,6 +88,8 @@ class Experts(nn.Module):
             raise ValueError(
                 f"Experts: routing is over {routing.num_experts} experts but this layer has {self.num_experts}"
             )
+        if x.dtype != self.down_proj.dtype:
+            check_input_dtype("Experts", x, self.down_proj.dtype)
         fn = get_backend(backend or self.backend)
         return fn(x.contiguous(), routing.expert_ids, routing.weights, self)
 
@@ -85,4 +104,4 @@ class Experts(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
 
-__all__ = ["Experts", "list_backends"]
+__all__ = ["Experts", "check_input_dtype", "list_backends"]

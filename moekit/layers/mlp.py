@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from moekit.layers.activations import get_activation
@@ -28,6 +29,11 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the weights, which the input must have (outside torch.autocast)."""
+        return self.down_proj.weight.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]."""

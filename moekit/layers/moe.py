@@ -7,11 +7,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.layers.experts import Experts
+from moekit.layers.experts import Experts, check_input_dtype
 from moekit.layers.mlp import MLP
 from moekit.routing.capacity import PRIORITIES, apply_capacity
 from moekit.routing.registry import router_config, router_from_config
 from moekit.routing.routing import Routing
+
+
+def _weight_dtype(module: nn.Module | None) -> torch.dtype | None:
+    """The dtype a part's input must have: its `weight_dtype` where it declares one (Experts, MLP: one
+    attribute read), else its first floating-point parameter's (None: no part, or no such parameter)."""
+    if module is None:
+        return None
+    declared = getattr(module, "weight_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 class MoE(nn.Module):
@@ -75,6 +86,9 @@ class MoE(nn.Module):
             state["seq_len"] = shape[1]
         elif x.dim() != 2:
             raise ValueError(f"MoE: expected input [T, D] or [B, L, D], got shape {tuple(shape)}")
+        # The router may differ (routers cast their input to their own weights' dtype); the experts may not.
+        check_input_dtype("MoE (experts)", x, _weight_dtype(self.experts))
+        check_input_dtype("MoE (shared experts)", x, _weight_dtype(self.shared_experts))
         if state and isinstance(state.get("token_ids"), Tensor):
             state = {**state, "token_ids": state["token_ids"].reshape(-1)}
         flat = x.reshape(-1, shape[-1])  # [T, D]

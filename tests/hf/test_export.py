@@ -109,3 +109,16 @@ def test_lm_qk_norm_option(qk_norm):
     assert not hasattr(plain.layers[0].self_attn, "q_norm")  # default "none": unchanged model
     with pytest.raises(ValueError, match="qk_norm must be one of"):
         LMConfig(**BASE, qk_norm="layer")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe"])
+def test_export_checks_odd_expert_widths(family, tmp_path):
+    """Before: the logits check died in transformers' grouped_mm experts ("strides should be multiple
+    of 16 bytes") for expert width 13. The check now runs transformers' eager experts."""
+    from transformers import AutoModelForCausalLM
+
+    model = lm(**{**TARGETS[family], "expert_hidden": 13, "ffn_hidden": 13})
+    export_lm(model, family, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)

@@ -126,3 +126,117 @@ def test_inference_path_equals_eager(backend):
         got = experts(x, routing, backend=backend)
         ref = experts(x, routing, backend="eager")
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def per_token_reference(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """sum over slots of weight * expert(x_t), one token and one slot at a time (no dispatch at all)."""
+    F_ = experts.hidden
+    W1 = experts.gate_up_proj if experts.gated else experts.up_proj
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros_like(x[t])
+        for e, w in zip(routing.expert_ids[t].tolist(), routing.weights[t], strict=True):
+            if e < 0:
+                continue
+            h = W1[e] @ x[t]
+            a = experts.act(h[:F_]) * h[F_:] if experts.gated else experts.act(h)
+            y = y + w * (experts.down_proj[e] @ a)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+# Widths whose rows are not a multiple of 16 bytes (torch grouped_mm's stride rule): F = 13, 7, 1 in
+# fp32 and bf16, D = 33 in both, D = 40 in bf16 (80 bytes is fine, but 2F and F are not).
+ODD = [(D, F) for D in (40, 33) for F in (13, 7, 1)]
+
+
+@pytest.mark.parametrize("D,F", ODD)
+@pytest.mark.parametrize("gated", [True, False])
+def test_eager_at_odd_widths_equals_per_token_reference(D, F, gated):
+    experts = Experts(num_experts=5, dim=D, hidden=F, gated=gated)
+    x, routing = torch.randn(9, D), random_routing(9, 5, 2, empty_frac=0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, routing, backend="eager"), per_token_reference(experts, x, routing),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("D,F", ODD)
+@pytest.mark.parametrize("gated", [True, False])
+def test_odd_widths_equal_eager_fp32(backend, D, F, gated):
+    """Before: `grouped` failed with "strides should be multiple of 16 bytes"."""
+    experts = Experts(num_experts=5, dim=D, hidden=F, gated=gated, activation="gelu" if gated else "relu")
+    x, routing = torch.randn(29, D), random_routing(29, 5, 2, empty_frac=0.1)
+    ref, got = run(experts, x, routing, "eager"), run(experts, x, routing, backend)
+    for a, b, what in [(got[0], ref[0], "y"), (got[1], ref[1], "grad x"), (got[2], ref[2], "grad weights")]:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=what)
+    for n in ref[3]:
+        torch.testing.assert_close(got[3][n], ref[3][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("D,F", [(40, 13), (33, 7), (40, 20), (12, 1)])
+def test_odd_widths_equal_eager_bf16(backend, D, F):
+    """bf16 on CPU: `grouped` (grouped_mm runs bf16 here) and `loop` against `eager` in bf16."""
+    torch.manual_seed(0)
+    experts = Experts(num_experts=4, dim=D, hidden=F).to(torch.bfloat16)
+    x, routing = torch.randn(23, D, dtype=torch.bfloat16), random_routing(23, 4, 2)
+    routing = Routing(routing.expert_ids, routing.weights.bfloat16(), routing.logits, 4)
+    ref, got = run(experts, x, routing, "eager"), run(experts, x, routing, backend)
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for n in ref[3]:
+        torch.testing.assert_close(got[3][n], ref[3][n], **tol, msg=n)
+
+
+def test_grouped_odd_widths_without_tokens_and_in_inference():
+    experts = Experts(num_experts=4, dim=33, hidden=13)
+    empty = random_routing(6, 4, 2, empty_frac=1.0)
+    assert torch.count_nonzero(experts(torch.randn(6, 33), empty, backend="grouped")) == 0
+    x, routing = torch.randn(11, 33), random_routing(11, 4, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(experts(x, routing, backend="grouped"), experts(x, routing, backend="eager"),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", list_backends())
+@pytest.mark.parametrize("weights,inp", [(torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+                                         (torch.bfloat16, torch.float32)])
+def test_input_dtype_mismatch_is_named_at_entry(backend, weights, inp):
+    """Before: a raw "expected m1 and m2 to have the same dtype" from inside the backend."""
+    experts = Experts(num_experts=4, dim=8, hidden=8, backend=backend).to(weights)
+    with pytest.raises(TypeError, match=rf"Experts: input dtype {inp} does not match the weights' dtype "
+                                        rf"{weights}; convert the input \(x.to\({weights}\)\)"):
+        experts(torch.randn(3, 8, dtype=inp), random_routing(3, 4, 2))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("weights,inp", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                         (torch.bfloat16, torch.float32)])
+def test_autocast_runs_every_backend_in_its_dtype(backend, weights, inp):
+    """Inside torch.autocast a dtype mismatch is expected: no error, every backend computes the experts
+    in autocast's dtype (as nn.Linear would) and agrees with eager; gradients reach the weights in their dtype."""
+    torch.manual_seed(0)
+    experts = Experts(num_experts=4, dim=16, hidden=13).to(weights)
+    x, routing = torch.randn(21, 16, dtype=inp), random_routing(21, 4, 2, empty_frac=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = run(experts, x, routing, "eager"), run(experts, x, routing, backend)
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for n, g in got[3].items():
+        assert g.dtype == weights
+        torch.testing.assert_close(g, ref[3][n], **tol, msg=n)
+
+
+def test_float64_runs_on_every_backend_but_grouped_which_says_so():
+    experts = Experts(num_experts=4, dim=8, hidden=5).double()
+    x, routing = torch.randn(7, 8, dtype=torch.float64), random_routing(7, 4, 2)
+    ref = experts(x, routing, backend="eager")
+    for b in ("loop", "auto"):
+        torch.testing.assert_close(experts(x, routing, backend=b), ref)
+    with pytest.raises(TypeError, match=r"'grouped': torch's grouped_mm takes torch.float32, torch.bfloat16, "
+                                        r"torch.float16, not torch.float64; use backend='loop'"):
+        experts(x, routing, backend="grouped")

@@ -135,3 +135,59 @@ def test_sizes_must_be_positive_integers_everywhere(bad):
         build_router("topk", dim=D, num_experts=bad)
     with pytest.raises(ValueError, match="LMConfig.moe_iterations must be a positive integer"):
         LMConfig(moe_iterations=bad)
+
+
+@pytest.mark.parametrize("backend", ["eager", "loop", "grouped", "auto"])
+def test_input_dtype_mismatch_is_named_at_the_layer_entry(backend):
+    """Before: a raw matmul dtype error from inside the dispatch backend."""
+    moe = MoE(router=build_router("topk", dim=D, num_experts=E, k=2),
+              experts=Experts(num_experts=E, dim=D, hidden=F, backend=backend))
+    with pytest.raises(TypeError, match=r"MoE \(experts\): input dtype torch.float64 does not match the "
+                                        r"weights' dtype torch.float32; convert the input \(x.to\(torch.float32\)\) "
+                                        r"or the layer \(layer.to\(torch.float64\)\)"):
+        moe(torch.randn(2, 3, D, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input dtype torch.float32 does not match the weights' dtype torch.bfloat16"):
+        moe.to(torch.bfloat16)(torch.randn(5, D))
+    moe.to(torch.float64)
+    if backend == "grouped":  # torch's grouped_mm has no float64: said so, not a kernel error
+        with pytest.raises(TypeError, match="grouped_mm takes .*not torch.float64; use backend='loop'"):
+            moe(torch.randn(5, D, dtype=torch.float64))
+    else:
+        moe(torch.randn(5, D, dtype=torch.float64))  # converted as the message says: runs
+    # an fp32 router in front of bf16 experts is allowed (routers cast their input): only the experts count
+    moe.experts.to(torch.bfloat16)
+    y, _ = moe(torch.randn(5, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and moe.router.weight.dtype == torch.float64
+
+
+def test_shared_experts_dtype_is_checked_too():
+    moe = layer(shared_experts=MLP(dim=D, hidden=F).to(torch.bfloat16))
+    with pytest.raises(TypeError, match=r"MoE \(shared experts\): input dtype torch.float32 .* torch.bfloat16"):
+        moe(torch.randn(4, D))
+
+
+def test_layer_under_autocast_runs_with_mixed_dtypes():
+    """Inside torch.autocast the mismatch is expected: no error, bf16 output, fp32 gradients."""
+    moe = layer(shared_experts=MLP(dim=D, hidden=F), shared_gate=True)
+    x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+        ref = moe.experts(x.reshape(10, D), moe.router(x.reshape(10, D)), backend="eager")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert moe.experts.gate_up_proj.grad.dtype == torch.float32 and moe.experts.gate_up_proj.grad.abs().sum() > 0
+    s = moe.shared_experts(x.reshape(10, D).float())
+    gate = torch.sigmoid(x.reshape(10, D).float() @ moe.shared_expert_gate.weight.t())
+    torch.testing.assert_close(y.reshape(10, D).float(), (ref.float() + gate * s).detach(), atol=5e-2, rtol=5e-2)
+
+
+def test_dtype_check_covers_every_experts_variant():
+    """Variants declare no `weight_dtype`: the layer reads their first floating-point parameter."""
+    from moekit.layers.variants import EXPERTS_VARIANTS, build_experts
+
+    for name in EXPERTS_VARIANTS:
+        n = 2 if name in ("duo", "hecto") else E  # two fixed experts: big + small, FFN + GRU
+        moe = MoE(router=build_router("topk", dim=D, num_experts=n, k=1),
+                  experts=build_experts(name, num_experts=n, dim=D, hidden=F))
+        with pytest.raises(TypeError, match=r"MoE \(experts\): input dtype torch.float64 .* torch.float32"):
+            moe(torch.randn(1, 3, D, dtype=torch.float64))
