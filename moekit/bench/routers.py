@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from moekit.data import DataConfig, prepare_data
 from moekit.models import LMConfig, MoELM, count_params
-from moekit.train.checkpoint import load_model, read_meta
+from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.report import _pyplot, read_jsonl
 from moekit.train.run import val_windows
@@ -312,7 +312,7 @@ def run_leaderboard(
         train_cfg = dataclasses.replace(base_train, **entry.train)
         run_dir = out / "runs" / name
         meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget}
-        started = (run_dir / "checkpoint" / "model.safetensors").is_file()
+        started = has_checkpoint(run_dir)
         old = read_meta(run_dir) if started else {}
         same = started and (LMConfig.from_dict(old["model"]) == cfg  # fields added since fill in their defaults
                             and TrainConfig.from_dict(old["train"]) == train_cfg)

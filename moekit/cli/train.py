@@ -24,6 +24,9 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the data")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of init and data order")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in OUT")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="delete the checkpoint and logs in OUT and start over")
+    ] = False,
     stop_after: Annotated[
         int | None, typer.Option(help="stop this invocation after N total steps (resume later)")
     ] = None,
@@ -31,7 +34,7 @@ def train(
     threads: ThreadsOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    """Train an LM; Ctrl-C writes a checkpoint, --resume continues it exactly."""
+    """Train an LM; Ctrl-C or SIGTERM writes a checkpoint and exits 130, --resume continues it exactly."""
     from moekit.data import DataConfig
     from moekit.models.presets import preset as get_preset
     from moekit.train import TrainConfig
@@ -57,12 +60,16 @@ def train(
             cfgs["data"],
             out,
             resume=resume,
+            overwrite=overwrite,
             stop_after=stop_after,
             progress=not no_progress,
         )
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: aborted without a new checkpoint
+        typer.echo(f"error: aborted; {Path(out) / 'checkpoint'} keeps the last checkpoint written (if any)", err=True)
+        raise typer.Exit(130) from None
     ev = result.final_eval
     status = "interrupted at" if result.interrupted else "finished at"
     typer.echo(f"{status} step {result.step}; checkpoint in {Path(out) / 'checkpoint'}")
@@ -70,3 +77,5 @@ def train(
         typer.echo(
             f"validation loss {ev.loss:.4f}  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(ev.loss_per_label.items()))
         )
+    if result.interrupted:
+        raise typer.Exit(130)

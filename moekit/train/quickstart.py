@@ -13,7 +13,7 @@ import torch
 from moekit.data import DataConfig, prepare_data
 from moekit.models import count_params
 from moekit.models.presets import preset
-from moekit.train.checkpoint import load_model
+from moekit.train.checkpoint import has_checkpoint, load_model
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import EvalResult, evaluate
 from moekit.train.report import domain_expert_shares, plot_domain_expert_heatmap, plot_loss_curves, specialists
@@ -77,7 +77,7 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
     for name, p in (("dense", cfg.dense_preset), ("moe", cfg.moe_preset)):
         model_cfg = preset(p, vocab_size=data.vocab_size, max_seq_len=cfg.seq_len)
         run_dir = out / name
-        exists = (run_dir / "checkpoint").exists()
+        exists = has_checkpoint(run_dir)
         pc = count_params(model_cfg)
         params[name] = pc.as_dict()
         log(
