@@ -325,7 +325,9 @@ def run_leaderboard(
         t0 = time.perf_counter()
         if not done:  # a fresh run, or an interrupted one resumed
             log(f"[{len(rows) + 1}/{len(names)}] {name}: training {b.steps} steps" + (" (resuming)" if started else ""))
-            train(cfg, train_cfg, data.train, windows, run_dir, resume=started, meta=meta, progress=progress)
+            res = train(cfg, train_cfg, data.train, windows, run_dir, resume=started, meta=meta, progress=progress)
+            if res.interrupted:  # Ctrl-C/SIGTERM: stop here (the run resumes next time), don't rank a half run
+                raise KeyboardInterrupt
         seconds = time.perf_counter() - t0
         model = load_model(run_dir)
         m = measure(model, windows, b.batch_size)

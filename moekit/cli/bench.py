@@ -44,5 +44,8 @@ def routers(
     except (ValueError, FileExistsError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the same command resumes from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
     best = min(res.rows, key=lambda r: r["val_loss"])
     typer.echo(f"best: {best['router']} (val loss {best['val_loss']:.3f}); leaderboard: {res.out / 'leaderboard.md'}")

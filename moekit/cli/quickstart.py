@@ -30,6 +30,9 @@ def quickstart(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the same command resumes from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
     labels = sorted(res.evals["dense"].loss_per_label)
     table = Table(title=f"validation loss after {steps} steps (nats/token, lower is better)")
     for col in ("model", "active params", "overall", *labels):

@@ -85,7 +85,8 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
             + (" (resuming the run in " + str(run_dir) + ")" if exists else "")
         )
         t0 = time.perf_counter()
-        run_training(model_cfg, train_cfg, data_cfg, run_dir, resume=exists, progress=progress)
+        if run_training(model_cfg, train_cfg, data_cfg, run_dir, resume=exists, progress=progress).interrupted:
+            raise KeyboardInterrupt  # Ctrl-C/SIGTERM: stop (a checkpoint was written; rerunning resumes)
         seconds[name] = time.perf_counter() - t0
         runs[name] = run_dir
 
