@@ -233,8 +233,19 @@ def train(
         for name, src in (files or {}).items():
             atomic_copy(src, run_dir / name)
         stop = stack.enter_context(StopRequest())
-        return _train(model_cfg, train_cfg, train_data, val_windows, run_dir, resume, meta, progress, stop_after,
-                      on_step, stop)
+        return _train(
+            model_cfg,
+            train_cfg,
+            train_data,
+            val_windows,
+            run_dir,
+            resume=resume,
+            meta=meta,
+            progress=progress,
+            stop_after=stop_after,
+            on_step=on_step,
+            stop=stop,
+        )
 
 
 def _train(
@@ -243,6 +254,7 @@ def _train(
     train_data: TrainSource,
     val_windows: dict[str, tuple[Tensor, Tensor]],
     run_dir: Path,
+    *,
     resume: bool,
     meta: dict[str, Any] | None,
     progress: bool,
