@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from moekit.data import DataConfig, prepare_data
 from moekit.models import LMConfig, MoELM, count_params
-from moekit.train.checkpoint import load_model, read_meta
+from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.report import _pyplot, read_jsonl
 from moekit.train.run import val_windows
@@ -312,7 +312,7 @@ def run_leaderboard(
         train_cfg = dataclasses.replace(base_train, **entry.train)
         run_dir = out / "runs" / name
         meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget}
-        started = (run_dir / "checkpoint" / "model.safetensors").is_file()
+        started = has_checkpoint(run_dir)
         old = read_meta(run_dir) if started else {}
         same = started and (LMConfig.from_dict(old["model"]) == cfg  # fields added since fill in their defaults
                             and TrainConfig.from_dict(old["train"]) == train_cfg)
@@ -325,7 +325,9 @@ def run_leaderboard(
         t0 = time.perf_counter()
         if not done:  # a fresh run, or an interrupted one resumed
             log(f"[{len(rows) + 1}/{len(names)}] {name}: training {b.steps} steps" + (" (resuming)" if started else ""))
-            train(cfg, train_cfg, data.train, windows, run_dir, resume=started, meta=meta, progress=progress)
+            res = train(cfg, train_cfg, data.train, windows, run_dir, resume=started, meta=meta, progress=progress)
+            if res.interrupted:  # Ctrl-C/SIGTERM: stop here (the run resumes next time), don't rank a half run
+                raise KeyboardInterrupt
         seconds = time.perf_counter() - t0
         model = load_model(run_dir)
         m = measure(model, windows, b.batch_size)

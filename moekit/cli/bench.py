@@ -39,6 +39,10 @@ def routers(
         return
     set_threads(threads)
     names = [n.strip() for n in routers.split(",") if n.strip()] if routers else None
-    res = run_leaderboard(budget, names, out, seed=seed, progress=not no_progress, log=typer.echo)
+    try:
+        res = run_leaderboard(budget, names, out, seed=seed, progress=not no_progress, log=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the same command resumes from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
     best = min(res.rows, key=lambda r: r["val_loss"])
     typer.echo(f"best: {best['router']} (val loss {best['val_loss']:.3f}); leaderboard: {res.out / 'leaderboard.md'}")

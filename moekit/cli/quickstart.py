@@ -22,16 +22,21 @@ def quickstart(
     from rich.console import Console
     from rich.table import Table
 
+    from moekit.train.checkpoint import has_checkpoint
     from moekit.train.quickstart import QuickstartConfig
     from moekit.train.quickstart import quickstart as run_quickstart
     from moekit.utils.cleanup import undo_on_failure
 
     set_threads(threads)
     console = Console()
-    with undo_on_failure(out, keep=lambda p: (p / "checkpoint" / "model.safetensors").is_file()):
-        res = run_quickstart(
-            QuickstartConfig(out=str(out), steps=steps), progress=not no_progress, log=console.print
-        )
+    try:
+        with undo_on_failure(out, keep=has_checkpoint):
+            res = run_quickstart(
+                QuickstartConfig(out=str(out), steps=steps), progress=not no_progress, log=console.print
+            )
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; the same command resumes from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
     labels = sorted(res.evals["dense"].loss_per_label)
     table = Table(title=f"validation loss after {steps} steps (nats/token, lower is better)")
     for col in ("model", "active params", "overall", *labels):

@@ -24,6 +24,9 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the data")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of init and data order")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in OUT")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="delete the checkpoint and logs in OUT and start over")
+    ] = False,
     stop_after: Annotated[
         int | None, typer.Option(help="stop this invocation after N total steps (resume later)")
     ] = None,
@@ -31,10 +34,11 @@ def train(
     threads: ThreadsOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    """Train an LM; Ctrl-C writes a checkpoint, --resume continues it exactly."""
+    """Train an LM; Ctrl-C or SIGTERM writes a checkpoint and exits 130, --resume continues it exactly."""
     from moekit.data import DataConfig
     from moekit.models.presets import preset as get_preset
     from moekit.train import TrainConfig
+    from moekit.train.checkpoint import has_checkpoint
     from moekit.train.overrides import apply_overrides
     from moekit.train.run import run_training
     from moekit.utils.cleanup import undo_on_failure
@@ -47,17 +51,23 @@ def train(
     )
     data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
     cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])
-    # a failed run leaves no empty run folder and no temporary checkpoint; a written checkpoint is kept
-    with undo_on_failure(out, keep=lambda _: (Path(out) / "checkpoint" / "model.safetensors").is_file()):
-        result = run_training(
-            cfgs["model"],
-            cfgs["train"],
-            cfgs["data"],
-            out,
-            resume=resume,
-            stop_after=stop_after,
-            progress=not no_progress,
-        )
+    # a failed run leaves no empty run folder and no temporary checkpoint; a written checkpoint (also one
+    # left at checkpoint.old by a failed swap) keeps the run folder as it is, for --resume
+    try:
+        with undo_on_failure(out, keep=lambda _: has_checkpoint(out)):
+            result = run_training(
+                cfgs["model"],
+                cfgs["train"],
+                cfgs["data"],
+                out,
+                resume=resume,
+                overwrite=overwrite,
+                stop_after=stop_after,
+                progress=not no_progress,
+            )
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: aborted without a new checkpoint
+        typer.echo(f"error: aborted; {Path(out) / 'checkpoint'} keeps the last checkpoint written (if any)", err=True)
+        raise typer.Exit(130) from None
     ev = result.final_eval
     status = "interrupted at" if result.interrupted else "finished at"
     typer.echo(f"{status} step {result.step}; checkpoint in {Path(out) / 'checkpoint'}")
@@ -65,3 +75,5 @@ def train(
         typer.echo(
             f"validation loss {ev.loss:.4f}  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(ev.loss_per_label.items()))
         )
+    if result.interrupted:
+        raise typer.Exit(130)

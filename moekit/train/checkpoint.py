@@ -5,13 +5,18 @@ Layout of a run directory:
     RUN/checkpoint/config.json         {"model": LMConfig, "train": TrainConfig, "data": {...}, "step": n}
     RUN/checkpoint/trainer_state.pt    optimiser state, RNG states, step (tensors and numbers only;
                                        loaded with torch.load(weights_only=True))
-The folder is written under a temporary name and renamed into place, so a crash leaves the previous
-checkpoint intact. Loading never executes code from the checkpoint.
+Writing (`save_checkpoint`): the new folder is written as RUN/.checkpoint-XXXX, then swapped in by two
+renames (`moekit.utils.io.replace_dir`): checkpoint -> checkpoint.old, .checkpoint-XXXX -> checkpoint, and
+checkpoint.old is deleted. Killed at any point, the run folder still holds one whole checkpoint, at
+`checkpoint` or (between the renames) at `checkpoint.old`. Readers fall back to `checkpoint.old`, and
+`recover_run` (run by training at start, and by any reader that finds leftovers and no live writer) puts it
+back and removes the stale `.checkpoint-*` temp folders. Loading never executes code from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,17 +25,18 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.models import LMConfig, MoELM
-from moekit.utils.io import replace_dir
+from moekit.utils.io import folder_lock, recover_dir, replace_dir
 from moekit.utils.readers import load_safetensors, load_torch_state, read_json_object
 
 CKPT = "checkpoint"
+TMP_PREFIX = ".checkpoint-"  # temporary folders of writes in progress (or killed): RUN/.checkpoint-XXXX
 
 
 def save_checkpoint(run_dir: str | Path, model: MoELM, meta: dict[str, Any], trainer_state: dict | None = None) -> Path:
     """Write RUN/checkpoint atomically; `meta` goes to config.json beside the model config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-"))
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=TMP_PREFIX))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -43,11 +49,49 @@ def save_checkpoint(run_dir: str | Path, model: MoELM, meta: dict[str, Any], tra
     return final
 
 
+def _is_complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run folder holds a checkpoint (at `checkpoint`, or at `checkpoint.old` after a killed write)."""
+    run_dir = Path(run_dir)
+    return _is_complete(run_dir / CKPT) or _is_complete(run_dir / (CKPT + ".old"))
+
+
+def recover_run(run_dir: str | Path) -> None:
+    """Put a run folder left by a killed checkpoint write back in order: `checkpoint.old` is renamed back when
+    `checkpoint` is missing (dropped when both exist), and `.checkpoint-*` temp folders are removed.
+    Nothing else is touched. Call it only while no other process writes to the folder (`folder_lock`)."""
+    run_dir = Path(run_dir)
+    recover_dir(run_dir / CKPT)
+    for tmp in run_dir.glob(TMP_PREFIX + "*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+
+
+def _recover_if_idle(run_dir: Path) -> None:
+    """recover_run when a killed write left something behind and no process holds the run (a live writer's
+    temp folder is not stale). A folder that cannot be changed (read-only) is left as it is."""
+    if not (run_dir / (CKPT + ".old")).exists() and not any(run_dir.glob(TMP_PREFIX + "*")):
+        return
+    try:
+        with folder_lock(run_dir) as held:
+            if held:
+                recover_run(run_dir)
+    except OSError:
+        pass
+
+
 def checkpoint_dir(path: str | Path) -> Path:
-    """Accept a run directory or its checkpoint folder; fail clearly when neither holds a checkpoint."""
+    """Accept a run directory or its checkpoint folder; fail clearly when neither holds a checkpoint.
+
+    Leftovers of a killed write in a run directory are cleaned first (see `recover_run`)."""
     path = Path(path)
-    for cand in (path / CKPT, path):
-        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+    if path.is_dir():
+        _recover_if_idle(path)
+    for cand in (path / CKPT, path / (CKPT + ".old"), path):
+        if _is_complete(cand):
             return cand
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

@@ -13,7 +13,7 @@ import torch
 from moekit.data import DataConfig, prepare_data
 from moekit.models import count_params
 from moekit.models.presets import preset
-from moekit.train.checkpoint import load_model, read_meta
+from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import EvalResult, evaluate_run
 from moekit.train.report import domain_expert_shares, plot_domain_expert_heatmap, plot_loss_curves, specialists
@@ -78,7 +78,7 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
     for name, p in (("dense", cfg.dense_preset), ("moe", cfg.moe_preset)):
         model_cfg = preset(p, vocab_size=data.vocab_size, max_seq_len=cfg.seq_len)
         run_dir = out / name
-        exists = (run_dir / "checkpoint").exists()
+        exists = has_checkpoint(run_dir)
         run_cfg = continued(run_dir, train_cfg) if exists else train_cfg
         pc = count_params(model_cfg)
         params[name] = pc.as_dict()
@@ -87,7 +87,8 @@ def quickstart(cfg: QuickstartConfig, *, progress: bool = True, log=print) -> Qu
             + (f" (continuing the run in {run_dir} to step {cfg.steps})" if exists else "")
         )
         t0 = time.perf_counter()
-        run_training(model_cfg, run_cfg, data_cfg, run_dir, resume=exists, progress=progress)
+        if run_training(model_cfg, run_cfg, data_cfg, run_dir, resume=exists, progress=progress).interrupted:
+            raise KeyboardInterrupt  # Ctrl-C/SIGTERM: stop (a checkpoint was written; rerunning resumes)
         seconds[name] = time.perf_counter() - t0
         runs[name] = run_dir
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 from moekit.data import DataConfig, PreparedData, prepare_data
 from moekit.models import LMConfig
-from moekit.train.checkpoint import read_meta
+from moekit.train.checkpoint import has_checkpoint, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import validation_windows as val_windows  # the one definition of validation
 from moekit.train.trainer import TrainResult, train
@@ -32,29 +31,31 @@ def run_training(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Prepare (or load cached) data, then train into `run_dir` with the tokenizer saved beside it."""
+    """Prepare (or load cached) data, then train into `run_dir`.
+
+    The tokenizer is copied into `run_dir` before the first step, so a run killed after its first
+    checkpoint can already `generate`. `resume` and `overwrite` are those of `train`."""
     data = prepare_data(data_cfg, progress=progress)
     check_fits(model_cfg, train_cfg, data)
     run_dir = Path(run_dir)
-    if resume and (run_dir / "checkpoint").exists():
+    if resume and has_checkpoint(run_dir):
         old = read_meta(run_dir).get("data")
         if old is not None and old != dataclasses.asdict(data_cfg):
             raise ValueError("cannot resume: the data config differs from the checkpoint's")
-    result = train(
+    return train(
         model_cfg,
         train_cfg,
         data.train,
         val_windows(data, train_cfg.seq_len, train_cfg.eval_windows),
         run_dir,
         resume=resume,
+        overwrite=overwrite,
         stop_after=stop_after,
         progress=progress,
         meta={"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names)},
+        files={"tokenizer.json": data.directory / "tokenizer.json"},
     )
-    tok = data.directory / "tokenizer.json"
-    if tok.is_file() and not (run_dir / "tokenizer.json").exists():
-        shutil.copyfile(tok, run_dir / "tokenizer.json")
-    return result

@@ -1,15 +1,23 @@
 """One readable training loop: AdamW, warmup + cosine, clipping, accumulation, MoE auxiliary losses,
-per-label validation, a rich progress bar, JSONL logs, atomic checkpoints, Ctrl-C and resume.
+per-label validation, a rich progress bar, JSONL logs, atomic checkpoints, Ctrl-C/SIGTERM and resume.
 
 Resuming is exact: the data order comes from a torch.Generator and the model's own randomness from
 torch's global RNG, both saved with the optimiser, so 10 + 10 resumed steps give the same weights as 20.
+A run holds a lock on its folder while it trains, so a second process can neither train into it nor
+mistake its checkpoint write in progress for the leftovers of a killed one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,10 +28,19 @@ from torch import Tensor
 from moekit.models import LMConfig, MoELM
 from moekit.models.lm import LMOutput
 from moekit.routing.stochastic import consistency_loss
-from moekit.train.checkpoint import load_model, load_trainer_state, read_meta, save_checkpoint
+from moekit.train.checkpoint import (
+    CKPT,
+    TMP_PREFIX,
+    load_model,
+    load_trainer_state,
+    read_meta,
+    recover_run,
+    save_checkpoint,
+)
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import EvalResult, evaluate
 from moekit.train.schedule import lr_at
+from moekit.utils.io import atomic_copy, atomic_write_text, folder_lock
 
 
 class TrainSource(Protocol):
@@ -40,7 +57,7 @@ class TrainResult:
 
     run_dir: Path
     step: int  # optimiser steps done
-    interrupted: bool  # stopped by Ctrl-C (a checkpoint was written)
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was written)
     final_eval: EvalResult | None  # validation at the last step
     history: list[dict]  # the eval log lines: {"step", "loss", "loss_per_label", ...}
     train_log: list[dict]  # the train log lines
@@ -87,6 +104,96 @@ def _append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Cut a JSONL log back to the rows of steps <= `step` (what a checkpoint at `step` has seen), atomically.
+
+    Rows are in step order, so the kept part is a prefix: it ends at the first row past `step` or at a line
+    a killed write left half written."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    kept = []
+    for line in text.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(row, dict) or row.get("step", step + 1) > step:
+            break
+        kept.append(line if line.endswith("\n") else line + "\n")
+    new = "".join(kept)
+    if new != text:
+        atomic_write_text(path, new)
+
+
+LOCK_WAIT_S = 2.0  # how long a new run waits for the run folder's lock (a reader's clean-up holds it for milliseconds)
+
+
+class RunInUse(FileExistsError):
+    """Another process is training into the run folder."""
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make `run_dir` ready for a run; the caller holds its lock.
+
+    Leftovers of a killed checkpoint write are cleaned (`recover_run`). A folder with a checkpoint is refused
+    unless `resume` (continue it; the logs are cut back to its step) or `overwrite` (its checkpoint and logs are
+    deleted first); a fresh run starts new logs."""
+    recover_run(run_dir)
+    ckpt = run_dir / CKPT
+    logs = (run_dir / "train.jsonl", run_dir / "eval.jsonl")
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
+        step = int(read_meta(run_dir)["step"])
+        for p in logs:
+            truncate_log(p, step)
+        return
+    if ckpt.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a checkpoint; pass --resume (resume=True) to continue it, "
+                "--overwrite (overwrite=True) to start over, or choose another directory"
+            )
+        trash = run_dir / f"{TMP_PREFIX}discarded-{uuid.uuid4().hex[:8]}"
+        os.replace(ckpt, trash)  # a temp name: a kill while deleting leaves only what recover_run removes
+        recover_run(run_dir)
+    for p in logs:
+        if p.exists():
+            p.unlink()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the first asks the loop to stop after the step in progress
+    (it then writes a checkpoint), a second one aborts at once with KeyboardInterrupt. Handlers are installed
+    only in the main thread (the only one Python delivers signals to) and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(again to abort without one)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def train(
     model_cfg: LMConfig,
     train_cfg: TrainConfig,
@@ -95,27 +202,67 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     meta: dict[str, Any] | None = None,
+    files: dict[str, Path] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` with `train_cfg` into `run_dir`.
 
-    A run directory that already holds a checkpoint is refused unless `resume=True`; resuming
-    requires the same model config and the same train config except `steps` (which may grow).
+    A run directory that already holds a checkpoint is refused unless `resume=True` (continue it) or
+    `overwrite=True` (delete it and start over); resuming requires the same model config and the same train
+    config except `steps` (which may grow), and cuts the JSONL logs back to the checkpoint's step.
+    `files` (name -> source path) are copied into the run folder before the first step (the tokenizer).
     `stop_after` ends this invocation after that many total steps (with a checkpoint) while the
     schedule still spans `steps`: 10 steps with stop_after=10, then a resume to 20, equal 20 steps.
+    Ctrl-C or SIGTERM stops after the current step with a checkpoint (`TrainResult.interrupted`).
     `on_step(step)` is called after every optimiser step (tests use it to simulate Ctrl-C).
     """
     run_dir = Path(run_dir)
-    has_ckpt = (run_dir / "checkpoint" / "model.safetensors").is_file()
-    if has_ckpt and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint; pass resume=True (--resume) or choose another directory"
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or start it over")
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if not stack.enter_context(folder_lock(run_dir, wait_s=LOCK_WAIT_S)):
+            raise RunInUse(f"{run_dir} is in use: another process is training into it")
+        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        for name, src in (files or {}).items():
+            atomic_copy(src, run_dir / name)
+        stop = stack.enter_context(StopRequest())
+        return _train(
+            model_cfg,
+            train_cfg,
+            train_data,
+            val_windows,
+            run_dir,
+            resume=resume,
+            meta=meta,
+            progress=progress,
+            stop_after=stop_after,
+            on_step=on_step,
+            stop=stop,
         )
-    if resume and not has_ckpt:
-        raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint")
+
+
+def _train(
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    train_data: TrainSource,
+    val_windows: dict[str, tuple[Tensor, Tensor]],
+    run_dir: Path,
+    *,
+    resume: bool,
+    meta: dict[str, Any] | None,
+    progress: bool,
+    stop_after: int | None,
+    on_step: Callable[[int], None] | None,
+    stop: StopRequest,
+) -> TrainResult:
+    """The loop of `train`, in a run folder already claimed."""
     train_log_path, eval_log_path = run_dir / "train.jsonl", run_dir / "eval.jsonl"
 
     torch.manual_seed(train_cfg.seed)
@@ -145,16 +292,16 @@ def train(
         data_gen.set_state(st["data_rng"])
         start = int(st["step"])
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for p in (train_log_path, eval_log_path):
-            if p.exists():
-                p.unlink()
         model = MoELM(model_cfg)
         opt = make_optimizer(model, train_cfg)
     model.train()
     meta = {"train": train_cfg.to_dict(), **(meta or {})}
+    saved = start if resume else -1  # the step of the checkpoint on disk
 
     def checkpoint(step: int) -> None:
+        nonlocal saved
+        if step == saved:
+            return
         state = {
             "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -162,6 +309,7 @@ def train(
             "step": step,
         }
         save_checkpoint(run_dir, model, {**meta, "step": step}, state)
+        saved = step
 
     history: list[dict] = []
     train_log: list[dict] = []
@@ -195,7 +343,7 @@ def train(
         task = bar.add_task("train", total=train_cfg.steps, completed=start, info="")
         try:
             end = min(train_cfg.steps, stop_after) if stop_after is not None else train_cfg.steps
-            while step < end:
+            while step < end and stop.signum is None:
                 t0 = time.perf_counter()
                 lr = lr_at(
                     step,
@@ -242,7 +390,12 @@ def train(
                     checkpoint(step)
                 if on_step is not None:
                     on_step(step)
+            if stop.signum is not None and step < end:  # a signal: the step in progress was finished
+                interrupted = True
+                checkpoint(step)
         except KeyboardInterrupt:
+            if stop.signum is not None:  # a second signal: abort at once; the last checkpoint on disk stays whole
+                raise
             # Drop the unfinished step (its gradients and random draws) so that resuming replays it exactly.
             interrupted = True
             opt.zero_grad(set_to_none=True)

@@ -1,11 +1,17 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename into place."""
+"""Atomic file writes: write to a temporary name in the same folder, then rename into place.
+
+Folders are swapped with `replace_dir` (two renames) and put back in order after a crash with `recover_dir`;
+`folder_lock` tells a live writer from the leftovers of a killed one.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,14 +37,67 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy a file atomically (the copy appears whole or not at all)."""
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
 def replace_dir(tmp_dir: Path, final: Path) -> None:
-    """Move a fully written folder into place, replacing an older one only after the new one exists."""
+    """Move a fully written folder into place: `final` -> `final.old`, `tmp_dir` -> `final`, remove `final.old`.
+
+    A whole copy exists at every moment: at `final`, or, only between the two renames, at `final.old`,
+    which `recover_dir` renames back. `final.old` is only ever deleted while `final` exists."""
     final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    recover_dir(final)
     if final.exists():
-        os.replace(final, old)
+        os.replace(final, _old(final))
     os.replace(tmp_dir, final)
-    if old.exists():
+    recover_dir(final)
+
+
+def recover_dir(final: str | Path) -> None:
+    """Finish or undo a `replace_dir` that was interrupted (a no-op when there is nothing to do).
+
+    `final.old` without `final`: killed between the renames, so the old copy is the only one: rename it back.
+    Both: the new copy is in place and the old one (perhaps half deleted) is removed."""
+    final = Path(final)
+    old = _old(final)
+    if not old.exists():
+        return
+    if final.exists():
         shutil.rmtree(old)
+    else:
+        os.replace(old, final)
+
+
+@contextmanager
+def folder_lock(path: str | Path, *, wait_s: float = 0.0) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on the folder `path` while the block runs.
+
+    Yields True when held, False when another process still holds it after `wait_s` seconds. The lock is
+    an flock on the folder itself, so nothing is written and a killed process never leaves a stale lock.
+    Where flock is missing (Windows) it always yields True: there is then no protection from a second process."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX CI
+        yield True
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

@@ -116,3 +116,23 @@ def test_cli_reuses_finished_runs_and_rejects_unknown_entries(smoke):
 def test_mutual_information():
     assert mutual_information(torch.tensor([[5, 5], [5, 5]])) == pytest.approx(0.0)
     assert mutual_information(torch.tensor([[7, 0, 0], [0, 7, 0], [0, 0, 7]])) == pytest.approx(math.log2(3))
+
+
+def test_an_interrupted_run_stops_the_leaderboard(smoke, monkeypatch):
+    """Ctrl-C/SIGTERM ends a run early with a checkpoint; the leaderboard stops rather than rank the half run."""
+    import types
+
+    import moekit.bench.routers as routers_mod
+
+    root, _ = smoke
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[4])
+        return types.SimpleNamespace(interrupted=True)
+
+    monkeypatch.setenv("MOEKIT_CACHE", str(root / "cache"))
+    monkeypatch.setattr(routers_mod, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_leaderboard("smoke", ["dense", "topk"], root / "other", progress=False, log=lambda *_: None)
+    assert calls == [root / "other" / "runs" / "dense"] and not (root / "other" / "leaderboard.md").exists()

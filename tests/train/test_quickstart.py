@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from moekit.train.quickstart import QuickstartConfig, quickstart
 
 
@@ -31,3 +35,16 @@ def test_quickstart_micro(tmp_path, monkeypatch):
     # rerunning reuses the finished runs (nothing retrained, same numbers)
     again = quickstart(cfg, progress=False, log=lambda *_: None)
     assert again.evals["moe"].loss == res.evals["moe"].loss
+    # an interrupted run (Ctrl-C/SIGTERM) stops the quickstart instead of going on to the next model
+    import moekit.train.quickstart as qs_mod
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[3])
+        return SimpleNamespace(interrupted=True)
+
+    monkeypatch.setattr(qs_mod, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(cfg, progress=False, log=lambda *_: None)
+    assert calls == [tmp_path / "qs" / "dense"]

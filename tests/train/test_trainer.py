@@ -56,7 +56,7 @@ MODEL = LMConfig(
 TRAIN = dict(batch_size=4, seq_len=16, lr=1e-2, warmup_steps=2, eval_every=5, ckpt_every=5, log_every=1)
 
 
-def run(tmp, steps, *, model=MODEL, resume=False, on_step=None, stop_after=None, **kw):
+def run(tmp, steps, *, model=MODEL, resume=False, overwrite=False, files=None, on_step=None, stop_after=None, **kw):
     data = Synthetic()
     return train(
         model,
@@ -65,6 +65,8 @@ def run(tmp, steps, *, model=MODEL, resume=False, on_step=None, stop_after=None,
         data.windows(16),
         tmp,
         resume=resume,
+        overwrite=overwrite,
+        files=files,
         progress=False,
         on_step=on_step,
         stop_after=stop_after,
