@@ -54,7 +54,7 @@ def _expert_mlp(h: Tensor, experts) -> Tensor:
     """Activation of the first projection's output: act(gate) * up when gated, else act(h)."""
     if experts.gated:
         gate, up = h.chunk(2, dim=-1)
-        return experts.act(gate) * up
+        return experts.act.glu(gate, up)
     return experts.act(h)
 
 
@@ -69,7 +69,7 @@ def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
             continue
         h = x[tok] @ W1[e].t()  # [n, D] x [D, 2F] -> [n, 2F]
         y = _expert_mlp(h, experts) @ W2[e].t()  # [n, F] x [F, D] -> [n, D]
-        out = out.index_add(0, tok, y * weights[tok, slot].unsqueeze(-1).to(y.dtype))
+        out = out.index_add(0, tok, _weighted(y, weights[tok, slot]))
     return out
 
 
@@ -80,6 +80,7 @@ class Plan:
     order: Tensor  # [N] indices into the flattened [T*k] slots, sorted by expert (empty slots removed)
     token: Tensor  # [N] token index of each sorted slot
     counts: list[int]  # [E] rows per expert (host ints: one sync per layer call)
+    expert_ids: Tensor  # [T, k] the slots planned
 
 
 def plan(expert_ids: Tensor, num_experts: int) -> Plan:
@@ -93,14 +94,33 @@ def plan(expert_ids: Tensor, num_experts: int) -> Plan:
     if len(counts) > num_experts + 1:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.max())}")
     order = torch.argsort(flat, stable=True)[counts[0]:]
-    return Plan(order=order, token=order // k, counts=counts[1:])
+    return Plan(order=order, token=order // k, counts=counts[1:], expert_ids=expert_ids)
+
+
+def _weighted(y: Tensor, w: Tensor) -> Tensor:
+    """y [n, D] times its slots' weights w [n], in the wider of the two dtypes, rounded to y's dtype
+    (routing weights kept in float32 scale 16-bit expert outputs before rounding, as in transformers)."""
+    return (y * w.unsqueeze(-1)).to(y.dtype)
 
 
 def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
-    """Weighted scatter-add of sorted expert outputs ys [N, D] back to tokens -> [T, D]."""
-    w = weights.reshape(-1)[p.order].to(ys.dtype)  # [N]
-    out = ys.new_zeros(T, ys.shape[1])
-    return out.index_add(0, p.token, ys * w.unsqueeze(-1))
+    """Weighted sum of sorted expert outputs ys [N, D] back to tokens -> [T, D].
+
+    Each token's slots are added one at a time in increasing expert order, rounding after each
+    add: the order and rounding of `eager` (one index_add per expert), so 16-bit results do not
+    depend on the backend. (One index_add over repeated indices may accumulate in a wider type.)
+    """
+    k, D = weights.shape[1], ys.shape[1]
+    contrib = _weighted(ys, weights.reshape(-1)[p.order])  # [N, D]
+    # rank of every slot within its token's row by expert id (-1 slots first); distinct within a row
+    in_row = torch.argsort(p.expert_ids, dim=1, stable=True)  # [T, k]
+    rank = torch.empty_like(in_row).scatter_(1, in_row, torch.arange(k, device=in_row.device).expand(T, k))
+    target = p.token * k + rank.reshape(-1)[p.order]  # [N] row of each sorted slot in [T * k]
+    dense = ys.new_zeros(T * k, D).index_copy(0, target, contrib).view(T, k, D)  # empty slots stay 0
+    out = ys.new_zeros(T, D)
+    for r in range(k):
+        out = out + dense[:, r]
+    return out
 
 
 @register_backend("loop")
@@ -110,7 +130,7 @@ def loop(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     per-expert full-size gradient)."""
     p = plan(expert_ids, experts.num_experts)
     xs = x.index_select(0, p.token)  # [N, D]
-    ys = fused_expert_mlp(xs, _first_matrix(experts), experts.down_proj, p.counts, experts.activation, experts.gated)
+    ys = fused_expert_mlp(xs, _first_matrix(experts), experts.down_proj, p.counts, experts.act, experts.gated)
     return _combine(ys, p, weights, x.shape[0])
 
 
