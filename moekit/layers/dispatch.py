@@ -60,11 +60,12 @@ def _expert_mlp(h: Tensor, experts) -> Tensor:
 
 @register_backend("eager")
 def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code."""
+    """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code.
+    An expert's rows come by slot, then token: the order of transformers' eager experts."""
     out = torch.zeros_like(x)
     W1, W2 = _first_matrix(experts), experts.down_proj
     for e in range(experts.num_experts):
-        tok, slot = torch.where(expert_ids == e)
+        slot, tok = torch.where(expert_ids.t() == e)
         if tok.numel() == 0:
             continue
         h = x[tok] @ W1[e].t()  # [n, D] x [D, 2F] -> [n, 2F]
@@ -75,7 +76,9 @@ def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
 
 @dataclass
 class Plan:
-    """Token-slots sorted by expert: `token[i]` is the token of sorted slot i; `counts[e]` rows per expert."""
+    """Token-slots sorted by expert: `token[i]` is the token of sorted slot i; `counts[e]` rows per expert.
+    Within an expert, rows come by slot, then token (as in `eager` and transformers: a GEMM's result for
+    a row may depend on where the row sits in the block, rarely, in the last bit)."""
 
     order: Tensor  # [N] indices into the flattened [T*k] slots, sorted by expert (empty slots removed)
     token: Tensor  # [N] token index of each sorted slot
@@ -84,16 +87,17 @@ class Plan:
 
 
 def plan(expert_ids: Tensor, num_experts: int) -> Plan:
-    """Sort the [T, k] slots by expert id; slots of -1 sort first and are cut off."""
-    k = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1)
+    """Sort the [T, k] slots by expert id, then slot, then token; slots of -1 sort first and are cut off."""
+    T, k = expert_ids.shape
+    flat = expert_ids.t().reshape(-1)  # [k*T], slot-major
     try:
         counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()
     except RuntimeError:  # a negative id below -1
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.min())}") from None
     if len(counts) > num_experts + 1:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.max())}")
-    order = torch.argsort(flat, stable=True)[counts[0]:]
+    by_slot = torch.argsort(flat, stable=True)[counts[0]:]  # positions j*T + t
+    order = (by_slot % T) * k + by_slot // T  # -> positions t*k + j in the row-major [T*k] slots
     return Plan(order=order, token=order // k, counts=counts[1:], expert_ids=expert_ids)
 
 
