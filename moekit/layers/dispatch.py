@@ -115,14 +115,19 @@ def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
     depend on the backend. (One index_add over repeated indices may accumulate in a wider type.)
     """
     k, D = weights.shape[1], ys.shape[1]
+    N = ys.shape[0]
     contrib = _weighted(ys, weights.reshape(-1)[p.order])  # [N, D]
+    if N < T * k:  # empty slots read a zero row
+        contrib = torch.cat([contrib, contrib.new_zeros(1, D)])
     # rank of every slot within its token's row by expert id (-1 slots first); distinct within a row
     in_row = torch.argsort(p.expert_ids, dim=1, stable=True)  # [T, k]
-    rank = torch.empty_like(in_row).scatter_(1, in_row, torch.arange(k, device=in_row.device).expand(T, k))
-    target = p.token * k + rank.reshape(-1)[p.order]  # [N] row of each sorted slot in [T * k]
-    dense = ys.new_zeros(T * k, D).index_copy(0, target, contrib).view(T, k, D)  # empty slots stay 0
-    out = ys.new_zeros(T, D)
-    for r in range(k):
+    ar = torch.arange(max(k, N), device=in_row.device)
+    rank = torch.empty_like(in_row).scatter_(1, in_row, ar[:k].expand(T, k))
+    target = p.token * k + rank.reshape(-1)[p.order]  # [N] place of each sorted slot in [T * k]
+    source = torch.full((T * k,), N, dtype=torch.long, device=ar.device).scatter_(0, target, ar[:N])
+    dense = contrib.index_select(0, source).view(T, k, D)  # [T, k, D] by token, then expert id
+    out = dense[:, 0]
+    for r in range(1, k):
         out = out + dense[:, r]
     return out
 

@@ -103,10 +103,14 @@ def test_router_logits_after_unpatch():
     ids = left_padded()[0]
     with torch.no_grad():
         want = model(ids, output_router_logits=True).aux_loss
-        mh.patch(model)  # hooks already installed: still one set
-        torch.testing.assert_close(model(ids, output_router_logits=True).aux_loss, want, **EXACT)
+        mh.patch(model)  # hooks already installed: still one set, no logits recorded twice
+        out = model(ids, output_router_logits=True)
+        assert len(out.router_logits) == 2
+        torch.testing.assert_close(out.aux_loss, want, **EXACT)
         fresh = mh.patch(tiny_model("qwen3_moe"))
-        torch.testing.assert_close(fresh(ids, output_router_logits=True).aux_loss, want, **EXACT)
+        out = fresh(ids, output_router_logits=True)
+        assert len(out.router_logits) == 2
+        torch.testing.assert_close(out.aux_loss, want, **EXACT)
         mh.unpatch(fresh)
         out = fresh(ids, output_router_logits=True)
     assert len(out.router_logits) == 2
