@@ -52,7 +52,7 @@ def expert_output_absmax(experts: nn.Module, x: Tensor, routing: Routing) -> Ten
     xs = x.index_select(0, p.token)
     with torch.no_grad():
         w1, w2 = _first_matrix(experts), experts.down_proj
-        ys = fused_expert_mlp(xs, w1, w2, p.counts, experts.activation, experts.gated)  # [N, D]
+        ys = fused_expert_mlp(xs, w1, w2, p.counts, experts.act, experts.gated)  # [N, D]
     out = torch.full((T * k,), float("nan"), dtype=torch.float32, device=x.device)
     out[p.order] = ys.abs().amax(dim=-1).float()
     return out.view(T, k)

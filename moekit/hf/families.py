@@ -38,6 +38,13 @@ class Family:
     experts: str = "experts"  # block attribute of the fused experts (`gate_up_proj`, `down_proj`)
     shared: str | None = None  # block attribute of the always-on shared expert MLP, if any
     shared_gate: str | None = None  # block attribute of the shared expert's sigmoid gate [1, D], if any
+    # HF config -> (moekit activation name, its arguments) of the routed experts; None: from `hidden_act`
+    expert_activation: Callable[[Any], tuple[str, dict[str, Any]]] | None = None
+    # In 16-bit models the family's router returns float32 routing weights (not cast back to the
+    # model's dtype): the experts' outputs are scaled in float32, then rounded.
+    float32_weights: bool = False
+    # The router logits transformers records (`output_router_logits=True`) are float32 in 16-bit models.
+    float32_logits: bool = False
     notes: str = ""  # what differs from transformers, if anything (shown in docs/hf.md)
 
 
@@ -89,6 +96,12 @@ def _deepseek_v2(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _hy_v4_activation(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """HY-V4's experts: SiLU whatever `hidden_act` says, gate and up clamped at `swiglu_limit`."""
+    limit = getattr(cfg, "swiglu_limit", None)
+    return ("clamped_swiglu", {"limit": float(limit)}) if limit else ("silu", {})
+
+
 _DEEPSEEK_KEYS = {
     "k": "num_experts_per_tok",
     "n_group": "n_group",
@@ -105,6 +118,7 @@ MIXTRAL = Family(
     router="topk",
     router_args=_topk(lambda cfg: True),
     num_experts_key="num_local_experts",
+    float32_weights=True,
     notes="router jitter (training only, off by default) multiplies only the router's input, not also the "
     "experts' input as transformers does",
 )
@@ -138,6 +152,8 @@ DEEPSEEK_V3 = Family(
     config_keys=_DEEPSEEK_KEYS,
     gate_tensors=("weight", "e_score_correction_bias"),
     shared="shared_experts",
+    float32_weights=True,
+    float32_logits=True,
 )
 
 GRANITEMOE = Family(
@@ -148,6 +164,7 @@ GRANITEMOE = Family(
     router_args=_topk(lambda cfg: True, order="topk_softmax"),  # top-k logits, softmax over them
     num_experts_key="num_local_experts",
     gate="router",
+    float32_logits=True,
 )
 
 
@@ -172,6 +189,8 @@ FAMILIES: tuple[Family, ...] = (
         config_keys={"k": "num_experts_per_tok", "routed_scaling_factor": "routed_scaling_factor"},
         unsaved_buffers=("e_score_correction_bias",),  # V2 has no selection bias: moekit's stays 0
         shared="shared_experts",
+        float32_weights=True,
+        float32_logits=True,
     ),
     Family(
         name="jamba",
@@ -196,7 +215,7 @@ FAMILIES: tuple[Family, ...] = (
     _like(DEEPSEEK_V3, "dots1", "Dots1MoE"),
     _like(DEEPSEEK_V3, "deepseek_v32", "DeepseekV32MoE"),
     _like(DEEPSEEK_V3, "solar_open", "SolarOpenMoE"),
-    _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE"),
+    _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE", expert_activation=_hy_v4_activation),
     _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock"),
 )
 
@@ -222,6 +241,13 @@ def family_for_model_type(model_type: str) -> Family | None:
 def family_for_block(class_name: str) -> Family | None:
     """The family whose sparse MoE block class is named `class_name`, or None."""
     return next((f for f in FAMILIES if f.block == class_name), None)
+
+
+def expert_activation(family: Family, config: Any) -> tuple[str, dict[str, Any]]:
+    """(moekit activation name, arguments) of `family`'s routed experts under the HF `config`."""
+    if family.expert_activation is not None:
+        return family.expert_activation(config)
+    return activation_name(config.hidden_act), {}
 
 
 def activation_name(hidden_act: str) -> str:

@@ -15,14 +15,16 @@ transformers keys and `save_pretrained` / `moekit.hf.save` keep working.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moekit.hf.deps import require_transformers
-from moekit.hf.families import LOSS_ARGS, Family, activation_name, family_for_block, family_names
+from moekit.hf.families import LOSS_ARGS, Family, activation_name, expert_activation, family_for_block, family_names
 from moekit.layers import MLP, Experts, MoE
 from moekit.routing import Routing, build_router, router_config
 
@@ -32,7 +34,9 @@ class PatchedMoE(nn.Module):
 
     Its children are the moekit router, experts and shared expert under the block's own attribute
     names, holding the block's parameter objects. `forward(hidden [B, L, D]) -> [B, L, D]`, what the
-    family's decoder layer expects; the `Routing` of the last call is kept in `last_routing`.
+    family's decoder layer expects; the `Routing` of the last call is kept in `last_routing`, and
+    its logits [B*L, E] go to transformers when it records `router_logits` (`output_router_logits=True`:
+    transformers' own load-balancing loss and `aux_loss` then work as on the unpatched model).
 
     Attributes (plain, not submodules): `moe` (the moekit MoE over the same parts), `family`,
     `original` (the transformers block, restored by `unpatch`).
@@ -60,6 +64,9 @@ class PatchedMoE(nn.Module):
         state = {"token_ids": ids} if ids is not None and ids.shape == hidden_states.shape[:-1] else None
         y, routing = self.moe(hidden_states, state=state)
         self.last_routing = routing
+        recorded = _transformers_outputs()
+        if recorded is not None and "router_logits" in recorded:
+            recorded["router_logits"].append(routing.logits.float() if self.family.float32_logits else routing.logits)
         return y
 
     def extra_repr(self) -> str:
@@ -91,6 +98,48 @@ def aux_loss(model: nn.Module) -> Tensor:
     if not rs:
         raise ValueError("moekit.hf.aux_loss: no forward pass since patching; run the model first")
     return torch.stack([r.total_aux() for r in rs]).sum()
+
+
+@functools.cache
+def _output_collector() -> Any:
+    """transformers' context variable that holds the outputs a forward records (None if this
+    transformers has none): its hooks record the router logits from transformers' router classes,
+    which a patched model no longer runs."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older transformers 5.x
+        return None
+    return _active_collector
+
+
+def _transformers_outputs() -> dict[str, list] | None:
+    """{output name: recorded values} of the transformers forward in progress, or None."""
+    collector = _output_collector()
+    return collector.get() if collector is not None else None
+
+
+def _install_output_hooks(model: nn.Module) -> None:
+    """Have transformers put its output-recording hooks on `model` now, while the original blocks are
+    in place (it installs them once, on the first forward that records outputs: installed while
+    patched, the blocks `unpatch` restores would have none)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # pragma: no cover - older transformers 5.x
+        return
+    if not isinstance(model, PreTrainedModel):
+        return
+    if any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules()):
+        return  # already there (installing again from the top would add a second set)
+    maybe_install_capturing_hooks(model)
+
+
+def _route_in_float32(router: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a family router that keeps float32 routing weights (`Family.float32_weights`):
+    the router gets its input [T, D] in float32, so the weights it returns stay float32. Its
+    logits are unchanged (the gate casts its input to the gate weight's dtype, or to float32)."""
+    x, *rest = args
+    return (x.float(), *rest)
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -162,9 +211,10 @@ def _build_moe(block: nn.Module, family: Family, config: Any, router: str | None
     hf_experts = getattr(block, family.experts)
     gate_up, down = hf_experts.gate_up_proj, hf_experts.down_proj  # [E, 2F, D], [E, D, F]
     E, two_f, D = gate_up.shape
-    act = activation_name(config.hidden_act)
+    act, act_args = expert_activation(family, config)
     with torch.device("meta"):  # no allocation: both tensors are replaced by the block's own
-        experts = Experts(num_experts=E, dim=D, hidden=two_f // 2, activation=act, backend=backend)
+        experts = Experts(num_experts=E, dim=D, hidden=two_f // 2, activation=act, activation_args=act_args,
+                          backend=backend)
     _share(experts, "gate_up_proj", gate_up)
     _share(experts, "down_proj", down)
     shared = None
@@ -172,10 +222,13 @@ def _build_moe(block: nn.Module, family: Family, config: Any, router: str | None
         hf_shared = getattr(block, family.shared)
         F_shared = hf_shared.gate_proj.weight.shape[0]
         with torch.device("meta"):
-            shared = MLP(dim=D, hidden=F_shared, activation=act)
+            shared = MLP(dim=D, hidden=F_shared, activation=activation_name(config.hidden_act))
         shared.gate_proj, shared.up_proj, shared.down_proj = hf_shared.gate_proj, hf_shared.up_proj, hf_shared.down_proj
+    routes = build_router_for(block, family, config, router, router_args)
+    if router is None and family.float32_weights:
+        routes.register_forward_pre_hook(_route_in_float32)
     moe = MoE(
-        router=build_router_for(block, family, config, router, router_args),
+        router=routes,
         experts=experts,
         shared_experts=shared,
         shared_gate=False,
@@ -201,20 +254,57 @@ def patch(
         router_args: arguments of that router; with router=None they override the family's
             arguments (e.g. `{"load_balance": 0.01, "z_loss": 1e-3}` for fine-tuning losses).
         backend: dispatch backend of the experts (`moekit.layers.list_backends()`).
-    Returns the model (patched in place). Patching a patched model first restores it (`unpatch`).
+    Returns the model (patched in place). Patching a patched model replaces its patch: the new
+    layers are built on the restored blocks (`unpatch`); if that fails (an unknown router name, a
+    bad argument), the error is raised with the previous patch back in place. Nothing is replaced
+    until every layer is built.
     """
     require_transformers()
-    if is_patched(model):
-        unpatch(model)
-    family, blocks = _find_blocks(model)
-    config = _text_config(model)
-    for parent, name, block in blocks:
-        moe = _build_moe(block, family, config, router, router_args, backend)
-        adapter = PatchedMoE(moe, family, block)
-        adapter.train(block.training)
+    undo = _unpatch_undoably(model) if is_patched(model) else None
+    try:
+        family, blocks = _find_blocks(model)
+        config = _text_config(model)
+        adapters = []
+        for _, _, block in blocks:
+            adapter = PatchedMoE(_build_moe(block, family, config, router, router_args, backend), family, block)
+            adapter.train(block.training)
+            adapters.append(adapter)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    _install_output_hooks(model)
+    for (parent, name, _), adapter in zip(blocks, adapters, strict=True):
         setattr(parent, name, adapter)
     model.__dict__[_HOOK] = model.register_forward_pre_hook(_record_token_ids, with_kwargs=True)
     return model
+
+
+def _unpatch_undoably(model: nn.Module) -> Callable[[], None]:
+    """`unpatch(model)`, returning a function that puts the patched layers (and the config fields
+    `unpatch` changed) back."""
+    places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, PatchedMoE)]
+    config = _text_config(model)
+    try:
+        changed = list(config_updates(model))
+    except NotExpressible:
+        changed = []
+    missing = object()
+    before = {k: getattr(config, k, missing) for k in changed}
+    unpatch(model)
+
+    def undo() -> None:
+        for parent, name, layer in places:
+            setattr(parent, name, layer)
+        for k, v in before.items():
+            if v is missing:
+                delattr(config, k)
+            else:
+                setattr(config, k, v)
+        model.__dict__[_HOOK] = model.register_forward_pre_hook(_record_token_ids, with_kwargs=True)
+
+    return undo
 
 
 _HOOK = "_moekit_hf_token_ids_hook"

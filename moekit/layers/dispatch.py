@@ -78,53 +78,82 @@ def _expert_mlp(h: Tensor, experts) -> Tensor:
     """Activation of the first projection's output: act(gate) * up when gated, else act(h)."""
     if experts.gated:
         gate, up = h.chunk(2, dim=-1)
-        return experts.act(gate) * up
+        return experts.act.glu(gate, up)
     return experts.act(h)
 
 
 @register_backend("eager")
 def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code."""
+    """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code.
+    An expert's rows come by slot, then token: the order of transformers' eager experts."""
     x, W1, W2, _ = _operands(x, experts)
     out = torch.zeros_like(x)
     for e in range(experts.num_experts):
-        tok, slot = torch.where(expert_ids == e)
+        slot, tok = torch.where(expert_ids.t() == e)
         if tok.numel() == 0:
             continue
         h = x[tok] @ W1[e].t()  # [n, D] x [D, 2F] -> [n, 2F]
         y = _expert_mlp(h, experts) @ W2[e].t()  # [n, F] x [F, D] -> [n, D]
-        out = out.index_add(0, tok, y * weights[tok, slot].unsqueeze(-1).to(y.dtype))
+        out = out.index_add(0, tok, _weighted(y, weights[tok, slot]))
     return out
 
 
 @dataclass
 class Plan:
-    """Token-slots sorted by expert: `token[i]` is the token of sorted slot i; `counts[e]` rows per expert."""
+    """Token-slots sorted by expert: `token[i]` is the token of sorted slot i; `counts[e]` rows per expert.
+    Within an expert, rows come by slot, then token (as in `eager` and transformers: a GEMM's result for
+    a row may depend on where the row sits in the block, rarely, in the last bit)."""
 
     order: Tensor  # [N] indices into the flattened [T*k] slots, sorted by expert (empty slots removed)
     token: Tensor  # [N] token index of each sorted slot
     counts: list[int]  # [E] rows per expert (host ints: one sync per layer call)
+    expert_ids: Tensor  # [T, k] the slots planned
 
 
 def plan(expert_ids: Tensor, num_experts: int) -> Plan:
-    """Sort the [T, k] slots by expert id; slots of -1 sort first and are cut off."""
-    k = expert_ids.shape[1]
-    flat = expert_ids.reshape(-1)
+    """Sort the [T, k] slots by expert id, then slot, then token; slots of -1 sort first and are cut off."""
+    T, k = expert_ids.shape
+    flat = expert_ids.t().reshape(-1)  # [k*T], slot-major
     try:
         counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()
     except RuntimeError:  # a negative id below -1
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.min())}") from None
     if len(counts) > num_experts + 1:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.max())}")
-    order = torch.argsort(flat, stable=True)[counts[0]:]
-    return Plan(order=order, token=order // k, counts=counts[1:])
+    by_slot = torch.argsort(flat, stable=True)[counts[0]:]  # positions j*T + t
+    order = (by_slot % T) * k + by_slot // T  # -> positions t*k + j in the row-major [T*k] slots
+    return Plan(order=order, token=order // k, counts=counts[1:], expert_ids=expert_ids)
+
+
+def _weighted(y: Tensor, w: Tensor) -> Tensor:
+    """y [n, D] times its slots' weights w [n], in the wider of the two dtypes, rounded to y's dtype
+    (routing weights kept in float32 scale 16-bit expert outputs before rounding, as in transformers)."""
+    return (y * w.unsqueeze(-1)).to(y.dtype)
 
 
 def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
-    """Weighted scatter-add of sorted expert outputs ys [N, D] back to tokens -> [T, D]."""
-    w = weights.reshape(-1)[p.order].to(ys.dtype)  # [N]
-    out = ys.new_zeros(T, ys.shape[1])
-    return out.index_add(0, p.token, ys * w.unsqueeze(-1))
+    """Weighted sum of sorted expert outputs ys [N, D] back to tokens -> [T, D].
+
+    Each token's slots are added one at a time in increasing expert order, rounding after each
+    add: the order and rounding of `eager` (one index_add per expert), so 16-bit results do not
+    depend on the backend. (One index_add over repeated indices may accumulate in a wider type.)
+    """
+    k, D = weights.shape[1], ys.shape[1]
+    N = ys.shape[0]
+    contrib = _weighted(ys, weights.reshape(-1)[p.order])  # [N, D]
+    if N < T * k:  # empty slots read a zero row
+        contrib = torch.cat([contrib, contrib.new_zeros(1, D)])
+    # rank of every slot within its token's row by expert id (-1 slots first); distinct within a row
+    in_row = torch.argsort(p.expert_ids, dim=1, stable=True)  # [T, k]
+    ar = torch.arange(max(k, N), device=in_row.device)
+    rank = torch.empty_like(in_row).scatter_(1, in_row, ar[:k].expand(T, k))
+    target = p.token * k + rank.reshape(-1)[p.order]  # [N] place of each sorted slot in [T * k]
+    source = torch.full((T * k,), N, dtype=torch.long, device=ar.device).scatter_(0, target, ar[:N])
+    dense = contrib.index_select(0, source).view(T, k, D)  # [T, k, D] by token, then expert id
+    out = dense[:, 0]
+    for r in range(1, k):
+        out = out + dense[:, r]
+    return out
 
 
 @register_backend("loop")
@@ -136,7 +165,7 @@ def loop(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     p = plan(expert_ids, experts.num_experts)
     xs = x.index_select(0, p.token)  # [N, D]
     with no_autocast:
-        ys = fused_expert_mlp(xs, W1, W2, p.counts, experts.activation, experts.gated)
+        ys = fused_expert_mlp(xs, W1, W2, p.counts, experts.act, experts.gated)
     return _combine(ys, p, weights, x.shape[0])
 
 

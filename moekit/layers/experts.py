@@ -37,7 +37,9 @@ class Experts(nn.Module):
         num_experts: E.
         dim: model width D.
         hidden: expert width F.
-        activation: "silu" | "gelu" | "gelu_tanh" | "relu".
+        activation: "silu" | "gelu" | "gelu_tanh" | "relu", or a gated-only one with arguments:
+            "clamped_swiglu" (HY-V4, GPT-OSS; moekit.layers.activations).
+        activation_args: keyword arguments of the activation (e.g. `{"limit": 7.0}`), or None.
         gated: gated (GLU) experts, or plain two-matrix experts.
         backend: dispatch backend name ("auto", "eager", "loop", "grouped").
     """
@@ -49,12 +51,15 @@ class Experts(nn.Module):
         dim: int,
         hidden: int,
         activation: str = "silu",
+        activation_args: dict[str, Any] | None = None,
         gated: bool = True,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         check_positive_ints("Experts: ", num_experts=num_experts, dim=dim, hidden=hidden)
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, **(activation_args or {}))
+        if self.act.gated_only and not gated:
+            raise ValueError(f"Experts: activation {activation!r} needs gated=True (it acts on gate and up together)")
         get_backend(backend)  # fail early on an unknown name
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.activation, self.gated, self.backend = activation, gated, backend
@@ -98,6 +103,7 @@ class Experts(nn.Module):
         return {
             "num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden,
             "activation": self.activation, "gated": self.gated, "backend": self.backend,
+            **({"activation_args": self.act.args()} if self.act.args() else {}),
         }
 
     def extra_repr(self) -> str:

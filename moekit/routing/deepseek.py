@@ -140,7 +140,8 @@ class DeepSeekRouter(Router):
             group_mask = torch.zeros_like(group, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
             expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
             choice = choice.masked_fill(~expert_mask, float("-inf"))
-        return torch.topk(choice, self.k, dim=-1).indices  # [T, k]
+        # sorted=False as transformers: the same slot order, so the normaliser adds the same way
+        return torch.topk(choice, self.k, dim=-1, sorted=False).indices  # [T, k]
 
     def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E] (float32)."""

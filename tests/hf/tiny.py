@@ -90,15 +90,57 @@ def generic_config(model_type: str):
     return cls(**kw)
 
 
-def tiny_model(family: str, seed: int = 0):
+# Odd sizes (odd_config): nothing a multiple of 8, top-3, the first layer dense where the family
+# has dense layers, groups where it routes by groups.
+ODD = dict(
+    hidden_size=40, head_dim=10, moe_intermediate_size=13, shared_expert_intermediate_size=13,
+    shared_intermediate_size=13, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
+    num_shared_experts=1, routed_scaling_factor=2.5, num_hidden_layers=3, first_k_dense_replace=1,
+    mlp_only_layers=[0], mlp_layer_types=["dense", "sparse", "sparse"], kv_lora_rank=12, q_lora_rank=12,
+    qk_rope_head_dim=8, qk_nope_head_dim=6, v_head_dim=6, index_head_dim=8, index_n_heads=2, index_topk=4,
+)
+ODD_EXTRA = {
+    "deepseek_v2": dict(topk_method="group_limited_greedy", routed_scaling_factor=2.0),
+    "minimax": dict(layer_types=["linear_attention", "full_attention", "full_attention"]),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention", "full_attention"], linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                  mamba_d_state=4, mamba_d_conv=4, mamba_expand=2),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
+                             layer_types=["mamba", "attention", "attention"]),
+    "hy_v4": dict(swiglu_limit=0.1),  # small enough that both clamps bind
+}
+MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "hy_v4")
+
+
+def odd_config(family: str):
+    """A config of `family` at odd sizes: hidden 40, 5 experts (6 in 3 groups where the family
+    routes by groups, top-2 groups), top-3, expert width 13, shared experts of width 13 where it has
+    them, 3 layers with the first dense where it has dense layers (hybrid families: one linear-attention
+    or Mamba layer first)."""
+    import dataclasses
+
+    cls = type(tiny_config(family))
+    names = {f.name for f in dataclasses.fields(cls)}
+    E = 6 if "n_group" in names else 5
+    kw = {**COMMON, **ODD, "n_routed_experts": E, "num_experts": E, "num_local_experts": E,
+          # the expert width where the config has no separate field for it, else the dense layers' width
+          "intermediate_size": 26 if "moe_intermediate_size" in names else 13,
+          **({"num_key_value_heads": 4} if family in MLA else {}), **ODD_EXTRA.get(family, {})}
+    return cls(**{k: v for k, v in kw.items() if k in names})
+
+
+def tiny_model(family: str, seed: int = 0, *, odd: bool = False, dtype: torch.dtype | None = None):
     """A randomly initialised tiny model (eager attention and experts), in eval mode, with
-    non-trivial router weights (and a non-zero DeepSeek score-correction bias)."""
+    non-trivial router weights (and a non-zero DeepSeek score-correction bias). `odd`: at the sizes
+    of `odd_config`. `dtype` (e.g. bfloat16): the same weights in that dtype, the modules transformers
+    keeps in float32 (`_keep_in_fp32_modules_strict`) kept so, as `from_pretrained(dtype=...)` does."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        tiny_config(family), attn_implementation="eager", experts_implementation="eager"
-    )
+    config = odd_config(family) if odd else tiny_config(family)
+    kw = dict(attn_implementation="eager", experts_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, **kw)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".gate.weight", ".router.weight")):
@@ -106,4 +148,8 @@ def tiny_model(family: str, seed: int = 0):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)
+    if dtype is not None:
+        cast = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        cast.load_state_dict(model.state_dict())
+        model = cast
     return model.eval()
