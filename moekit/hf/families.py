@@ -216,7 +216,7 @@ FAMILIES: tuple[Family, ...] = (
     _like(DEEPSEEK_V3, "deepseek_v32", "DeepseekV32MoE"),
     _like(DEEPSEEK_V3, "solar_open", "SolarOpenMoE"),
     _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE", expert_activation=_hy_v4_activation),
-    _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock"),
+    _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock", num_experts_key="num_experts"),
 )
 
 

@@ -156,3 +156,28 @@ def test_unsupported_model_lists_the_supported_families():
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ValueError, match="supported families: .*deepseek_v3.*mixtral.*olmoe.*qwen2_moe.*qwen3_moe"):
         mh.patch(model)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_config_keys_exist_in_the_transformers_config(name):
+    """The config fields a family names (E, k, ...) exist in its transformers config class, so `hf.save`
+    writes E where transformers reads it (exaone_moe inherited DeepSeek's `n_routed_experts` by mistake)."""
+    from transformers import AutoConfig
+
+    from moekit.hf.families import get_family
+
+    fam = get_family(name)
+    for model_type in fam.model_types:
+        cfg = AutoConfig.for_model(model_type)
+        for key in (fam.num_experts_key, *fam.config_keys.values()):
+            assert hasattr(cfg, key), f"{model_type}: {key}"
+
+
+def test_save_writes_e_where_transformers_reads_it(tmp_path):
+    import json
+
+    model = tiny_model("exaone_moe")
+    mh.patch(model)
+    mh.save(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["num_experts"] == model.config.num_experts and "n_routed_experts" not in saved
