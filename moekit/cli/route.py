@@ -194,9 +194,16 @@ def serve(
     config: Annotated[Path, typer.Option("--config", help="routes.yaml")],
     host: Annotated[str | None, typer.Option(help="override server.host")] = None,
     port: Annotated[int | None, typer.Option(help="override server.port")] = None,
+    api_keys_env: Annotated[
+        str | None,
+        typer.Option(
+            "--api-keys-env",
+            help="environment variable with the clients' bearer keys, comma-separated (default: server.api_keys_env)",
+        ),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible router (/v1/chat/completions, /v1/models, /health, /metrics)."""
     from moekit.llmroute.config import RoutesConfig
     from moekit.llmroute.server import run_server
 
-    run_server(RoutesConfig.from_file(config), host=host, port=port)
+    run_server(RoutesConfig.from_file(config), host=host, port=port, api_keys_env=api_keys_env)
