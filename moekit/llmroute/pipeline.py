@@ -36,7 +36,8 @@ class DataConfig:
         if self.output_tokens < 0:
             raise ValueError(f"DataConfig.output_tokens: expected >= 0, found {self.output_tokens}")
 
-    def load(self) -> RoutingTable:
+    def load(self, models: list[str] | None = None) -> RoutingTable:
+        """The table, restricted to `models` (in that order; chosen before any cell is checked) when given."""
         prices = PriceTable.from_file(self.prices) if self.prices else PriceTable.default()
         return load_table(
             self.path,
@@ -44,6 +45,7 @@ class DataConfig:
             prices=prices,
             output_tokens=self.output_tokens,
             allow_pickle=self.allow_pickle,
+            models=models,
         )
 
 
@@ -68,9 +70,7 @@ class TrainConfig:
 
 def prepare(config: TrainConfig) -> tuple[RoutingTable, RoutingTable, RoutingTable, RoutingTable]:
     """(full, train, val, test) tables of a training config."""
-    table = config.data.load()
-    if config.models:
-        table = table.select_models(config.models)
+    table = config.data.load(config.models)
     parts = split_rows(table, config.split)
     return table, table.subset(parts.train), table.subset(parts.val), table.subset(parts.test)
 
