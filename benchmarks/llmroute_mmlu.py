@@ -97,7 +97,7 @@ def subject_oracle(test, by: str) -> dict:
         "apgr": apgr(curve),
         "cpt50": cpt(curve, 0.5),
         "cpt80": cpt(curve, 0.8),
-        "cost_cut_at_target": cost_cut(curve.cost, curve.quality, 0.95 * curve.q_strong, curve.c_strong),
+        "cost_cut_at_target": cost_cut(curve.cost, curve.quality, 0.95 * curve.q_strong, curve.c_strong, path=True),
         "aiq": None,
         "max_quality": float(curve.quality.max()),
         "split": by,

@@ -60,11 +60,11 @@ def evaluate(
     name: str | None = None,
     mus=DEFAULT_MUS,
     target_share: float = 0.95,
-    seed: int = 0,
 ) -> Evaluation:
     """Every metric of `router` on `table` (queries embedded as `x: [Q, D]`).
 
-    Two-model tables get the exact PGR curve (queries ranked by `strong_score(cost_aware=False)`), APGR,
+    Two-model tables get the exact PGR curve (a threshold swept over `strong_score(cost_aware=False)`, tied
+    scores moving together, see `metrics.pgr_curve`), APGR,
     CPT(50%), CPT(80%); the cost cut and AIQ come from the cost-aware ranking (the router's own trade-off),
     the cut measured at `target_share` x the strong model's mean quality, against calling it always.
     """
@@ -77,14 +77,15 @@ def evaluate(
     mean_cost = table.mean_cost()
     cost_range = (float(mean_cost.min()), float(mean_cost.max()))
     pair: dict = {}  # the two-model metrics
+    path = False  # whether the operating points form a threshold curve (then segments between them count)
     if len(table.models) == 2:
         # PGR and CPT count strong calls: rank by the predicted quality gain. Cost cut and AIQ count dollars:
         # rank by the router's own cost-aware switch point (the same when the router ignores cost).
         cw, cs = router.pair_costs(table)
         qw, qs = table.quality[:, w], table.quality[:, s]
-        curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs, seed=seed)
-        by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs, seed=seed)
-        cost, quality = by_cost.cost, by_cost.quality
+        curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs)
+        by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs)
+        cost, quality, path = by_cost.cost, by_cost.quality, True
         pair = dict(apgr=apgr(curve), cpt50=cpt(curve, 0.5), cpt80=cpt(curve, 0.8), curve=curve)
     else:
         cost, quality = sweep(router, x, table, mus)
@@ -94,7 +95,7 @@ def evaluate(
         quality=quality,
         aiq=aiq(cost, quality, cost_range),
         target_quality=target,
-        cost_cut=cost_cut(cost, quality, target, c_strong),
+        cost_cut=cost_cut(cost, quality, target, c_strong, path=path),
         **pair,
     )
 
