@@ -135,11 +135,11 @@ def eval_cmd(
     cols = ["router"] + (["APGR", "CPT(50%)", "CPT(80%)"] if two else []) + ["cost cut @95%", "AIQ", "max quality"]
     for c in cols:
         t.add_column(c, justify="left" if c == "router" else "right")
+    keys = (["apgr", "cpt50", "cpt80"] if two else []) + ["cost_cut_at_target", "aiq", "max_quality"]
     for ev in evals:
         r = ev.row()
-        vals = [r["apgr"], r["cpt50"], r["cpt80"]] if two else []
-        vals += [r["cost_cut_at_target"], r["aiq"], r["max_quality"]]
-        t.add_row(ev.name, *(f"{v:.3f}" for v in vals))
+        cells = [f"{r[k]:.3f}" + (f" ± {r[k + '_std']:.3f}" if k + "_std" in r else "") for k in keys]
+        t.add_row(ev.name + (f" (mean of {ev.draws})" if ev.draws > 1 else ""), *cells)
     Console().print(t)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,8 @@ def load_trained(folder: str | Path) -> Trained:
 
 
 BASELINES = ("random", "oracle", "best", "zero")
+RANDOMISED = ("random", "zero")  # baselines that draw at random: reported as the mean of DRAWS seeds
+DRAWS = 10  # as RouteLLM reports its random router
 
 
 def evaluate_runs(
@@ -126,7 +128,7 @@ def evaluate_runs(
 
     All folders must have been trained on the same data and split. Returns (table, [Evaluation]).
     """
-    from moekit.llmroute.evaluate import evaluate
+    from moekit.llmroute.evaluate import evaluate, mean_evaluation
 
     if not folders:
         raise ValueError("evaluate_runs: expected at least one trained router folder")
@@ -152,8 +154,11 @@ def evaluate_runs(
         x_train = np.zeros((len(train_t), 1), np.float32)
         x_eval = np.zeros((len(table), 1), np.float32)
         for name in BASELINES:
-            router = create(name).fit(train_t, x_train)
-            evals.append(evaluate(router, x_eval, table, name=name))
+            if name in RANDOMISED:
+                draws = [evaluate(create(name, seed=s).fit(train_t, x_train), x_eval, table) for s in range(DRAWS)]
+                evals.append(mean_evaluation(draws, name))
+            else:
+                evals.append(evaluate(create(name).fit(train_t, x_train), x_eval, table, name=name))
     for f, run in zip(folders, runs, strict=True):
         x = run.embed(table.queries, cache_dir)
         evals.append(evaluate(run.router, x, table, name=Path(f).name))

@@ -83,6 +83,10 @@ def test_train_eval_audit(data_dir, tmp_path):
     rows = {r["router"]: r for r in json.loads((tmp_path / "ev" / "metrics.json").read_text())}
     assert set(rows) == {"random", "oracle", "best", "zero", "knn", "thr"}
     assert rows["knn"]["apgr"] > rows["random"]["apgr"] + 0.1
+    for name in ("random", "zero"):  # randomised baselines: the mean and spread of 10 draws, as RouteLLM reports
+        assert rows[name]["draws"] == 10 and rows[name]["apgr_std"] > 0 and "cost_cut_at_target_std" in rows[name]
+    assert "draws" not in rows["oracle"] and "draws" not in rows["knn"]
+    assert "±" in out  # the spread is printed
     assert (tmp_path / "ev" / "cost_quality.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "pgr.png").stat().st_size > 1000
     out = run("audit", tmp_path / "knn", "--mu", "0.1", "--cache", tmp_path / "cache")

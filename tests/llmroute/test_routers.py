@@ -247,3 +247,18 @@ def test_ensemble_averages_its_members(synthetic):
     np.testing.assert_allclose(got.cost, 0.75 * knn.cost + 0.25 * best.cost, rtol=1e-6)
     with pytest.raises(ValueError, match="does not predict"):
         create("ensemble", members=[{"name": "oracle"}])
+
+
+def test_randomised_baselines_average_draws(synthetic):
+    from moekit.llmroute.evaluate import mean_evaluation
+
+    train, test, _, x_train, x_test = synthetic
+    draws = [evaluate(create("random", seed=s).fit(train, x_train), x_test, test) for s in range(10)]
+    ev = mean_evaluation(draws, "random")
+    apgrs = [d.apgr for d in draws]
+    assert len(set(apgrs)) > 1  # the draws differ
+    assert ev.apgr == pytest.approx(np.mean(apgrs)) and ev.spread["apgr"] == pytest.approx(np.std(apgrs))
+    assert ev.cost_cut == pytest.approx(np.nanmean([d.cost_cut for d in draws]))
+    np.testing.assert_allclose(ev.curve.pgr, np.mean([d.curve.pgr for d in draws], axis=0))
+    row = ev.row()
+    assert row["draws"] == 10 and row["apgr_std"] == pytest.approx(np.std(apgrs)) and "cpt50_std" in row
