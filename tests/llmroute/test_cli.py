@@ -137,3 +137,12 @@ def test_list_and_serve_config_errors(tmp_path):
     result = runner.invoke(app, ["serve", "--config", str(tmp_path / "routes.yaml")])
     assert result.exit_code != 0 and "environment variable" in str(result.exception)
     assert "sk-1" not in str(result.exception)
+
+
+def test_single_category_data_fails_in_one_line_saying_why(data_dir, tmp_path):
+    one = data_dir / "synthetic_math.csv"  # one file: one category
+    common = ["--prices", str(data_dir / "prices.yaml"), "--cache", str(tmp_path / "cache")]
+    for extra, why in [(["--router", "category"], "single category"), (["--split", "category"], "--split query")]:
+        result = runner.invoke(app, ["train", str(one), "--out", str(tmp_path / "x"), *common, *extra])
+        assert result.exit_code != 0 and why in str(result.exception)
+        assert "\n" not in str(result.exception)
