@@ -27,6 +27,14 @@ from moekit.llmroute.table import RoutingTable
 FORMATS = ("routellm", "routerbench", "sprout")
 
 
+class MissingModels(ValueError):
+    """The data has no column for some requested models (`missing`); `found` lists the model columns it has."""
+
+    def __init__(self, message: str, *, missing: list[str], found: list[str]) -> None:
+        super().__init__(message)
+        self.missing, self.found = missing, found
+
+
 def load_table(
     path: str | Path,
     *,
@@ -45,6 +53,11 @@ def load_table(
         table = load_sprout(path, prices=prices)
     else:
         raise ValueError(f"unknown data format {format!r}; known: {list(FORMATS)}")
+    missing = [m for m in models or [] if m not in table.models]
+    if missing:
+        raise MissingModels(
+            f"{path}: no column for models {missing}; its models: {table.models}", missing=missing, found=table.models
+        )
     return table.select_models(models) if models else table
 
 
@@ -221,8 +234,11 @@ def load_routellm(
         if models:
             missing = [m for m in models if m not in cols]
             if missing:
-                raise ValueError(
-                    f"{f}: no column for models {missing}; correctness columns here: {correctness_columns(rows, cols)}"
+                found = correctness_columns(rows, cols)
+                raise MissingModels(
+                    f"{f}: no column for models {missing}; correctness columns here: {found}",
+                    missing=missing,
+                    found=found,
                 )
         else:
             found = correctness_columns(rows, cols)
