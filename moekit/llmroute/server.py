@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -118,14 +119,25 @@ def _reject_constant(name: str):
     raise ValueError(f"request body: {name} is not JSON; expected finite numbers")
 
 
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"request body: the number {text[:40]} is out of range; expected finite numbers")
+    return v
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")  # \ud800-\udfff: a surrogate, maybe unpaired
+
+
 def parse_body(raw: bytes, max_messages: int) -> dict:
     """Parse and check a chat-completions request body; raise `RequestError(400)` naming what is wrong.
 
     Rejects what json.loads accepts but JSON does not (NaN, Infinity, numbers too large for a float) and
     strings that are not valid Unicode (lone surrogates such as "\\ud800"), since none can be forwarded.
+    One parse; the body is encoded again only when it holds a surrogate escape (to tell pairs from lone ones).
     """
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise RequestError(400, "request body: JSON nested too deeply") from None
     except UnicodeDecodeError:
@@ -136,12 +148,11 @@ def parse_body(raw: bytes, max_messages: int) -> dict:
             400, msg if msg.startswith("request body:") else f"request body: expected JSON ({msg})"
         ) from None
     body = validate_chat_body(body, max_messages)
-    try:  # what the backends will be sent must encode: no inf from huge numbers, no lone surrogates
-        json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(400, "request body: a string holds a lone surrogate (e.g. \\ud800)") from None
-    except ValueError:
-        raise RequestError(400, "request body: a number is out of range; expected finite numbers") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:  # what the backends will be sent must encode: no lone surrogates
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "request body: a string holds a lone surrogate (e.g. \\ud800)") from None
     return body
 
 

@@ -183,3 +183,11 @@ def test_eval_on_another_table_matches_models_by_name(data_dir, tmp_path):
     run("eval", tmp_path / "knn", *args)
     rows2 = {r["router"]: r for r in json.loads((tmp_path / "ev2" / "metrics.json").read_text())}
     assert rows2["knn"]["apgr"] == pytest.approx(ev.apgr)
+
+
+def test_serve_with_an_unset_keys_variable_does_not_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEKIT_NO_SUCH_KEYS", raising=False)
+    (tmp_path / "routes.yaml").write_text("backends:\n  - {model: m, base_url: 'http://127.0.0.1:1/v1'}\n")
+    args = ["serve", "--config", str(tmp_path / "routes.yaml"), "--api-keys-env", "MOEKIT_NO_SUCH_KEYS"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "MOEKIT_NO_SUCH_KEYS is not set" in str(result.exception)

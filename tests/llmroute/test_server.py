@@ -259,6 +259,8 @@ def test_bad_client_input_is_a_400_and_the_connection_stays_usable(backends, knn
         assert "finite" in msgs["huge number"]
         r = c.post(f"{url}/v1/chat/completions", json=bodies["text null"])
         assert "content[0]'.text: expected a string, found null" in _error_of(r)
+        pair = b'{"model": "router-knn", "messages": [{"role": "user", "content": "\\ud83d\\ude00 weather"}]}'
+        assert c.post(f"{url}/v1/chat/completions", content=pair).status_code == 200  # a surrogate pair is fine
         assert "moekit_route_failed_requests_total" not in c.get(f"{url}/metrics").text
 
 
