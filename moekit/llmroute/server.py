@@ -7,8 +7,9 @@ name goes straight to that backend. The chosen backend gets the request with ret
 byte for byte; a backend that breaks off a stream ends it with an OpenAI-style error event. Backend API
 keys are read from the environment at request time and never logged; client keys (`server.api_keys_env`)
 are read once at start and compared in constant time. Client input never gets a 500: bad bodies get 400
-with an OpenAI-style error. Routing (embedding + scoring) runs in a worker thread, on at most
-`server.max_route_chars` characters of the prompt, so a large prompt never stalls the event loop.
+with an OpenAI-style error. Routing (embedding + scoring) of a long prompt and parsing of a large body run in
+a worker thread, and a router embeds at most `server.max_route_chars` characters of a prompt, so a large
+prompt never stalls the event loop.
 """
 
 import hmac
@@ -32,6 +33,8 @@ from moekit.llmroute.prices import estimate_tokens
 log = logging.getLogger("moekit.llmroute.server")
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+INLINE_CHARS = 4_000  # texts up to this long are routed on the event loop (about 1 ms), longer ones in a thread
+INLINE_BYTES = 65_536  # request bodies up to this size are parsed on the event loop, larger ones in a thread
 
 
 class RequestError(Exception):
@@ -290,7 +293,11 @@ class RouterService:
         return sr.router.models[choice], f"router-{target}@{mu:g}"
 
     async def resolve_async(self, model: str, text: str) -> tuple[str, str]:
-        """`resolve` in a worker thread (the event loop keeps serving other requests meanwhile)."""
+        """`resolve` in a worker thread (the event loop keeps serving other requests meanwhile), or right here
+        for a short text (under `INLINE_CHARS`: about a millisecond, less than the hand-off to a thread costs
+        when other threads hold the GIL)."""
+        if len(text) <= INLINE_CHARS:
+            return self.resolve(model, text)
         from anyio import to_thread
 
         return await to_thread.run_sync(self.resolve, model, text)
@@ -561,7 +568,10 @@ def create_app(
             if len(raw) > limit:
                 return error(413, f"request body: expected at most {limit} bytes", "request_too_large")
         try:
-            body = await to_thread.run_sync(parse_body, bytes(raw), config.server.max_messages)
+            if len(raw) <= INLINE_BYTES:  # microseconds: not worth a hand-off to a thread
+                body = parse_body(bytes(raw), config.server.max_messages)
+            else:
+                body = await to_thread.run_sync(parse_body, bytes(raw), config.server.max_messages)
             if body.get("stream"):
                 status, chunks, headers, media_type = await service.stream(body)
                 return StreamingResponse(chunks, status_code=status, headers=headers, media_type=media_type)
