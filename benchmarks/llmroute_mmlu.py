@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.llmroute.embed import encode_cached, make_embedder  # noqa: E402
-from moekit.llmroute.evaluate import evaluate  # noqa: E402
+from moekit.llmroute.evaluate import evaluate, mean_evaluation  # noqa: E402
 from moekit.llmroute.loaders import load_routellm  # noqa: E402
+from moekit.llmroute.pipeline import DRAWS, RANDOMISED  # noqa: E402
 from moekit.llmroute.plots import plot_cost_quality, plot_pgr  # noqa: E402
 from moekit.llmroute.routers import create  # noqa: E402
 from moekit.llmroute.table import SplitConfig, split_rows  # noqa: E402
@@ -97,7 +98,7 @@ def subject_oracle(test, by: str) -> dict:
         "apgr": apgr(curve),
         "cpt50": cpt(curve, 0.5),
         "cpt80": cpt(curve, 0.8),
-        "cost_cut_at_target": cost_cut(curve.cost, curve.quality, 0.95 * curve.q_strong, curve.c_strong),
+        "cost_cut_at_target": cost_cut(curve.cost, curve.quality, 0.95 * curve.q_strong, curve.c_strong, path=True),
         "aiq": None,
         "max_quality": float(curve.quality.max()),
         "split": by,
@@ -130,9 +131,14 @@ def run_split(table, by: str, embedder_name: str, cache: Path, seed: int, plot_d
     rows, evals = [], []
     for name, args in ROUTERS:
         t0 = time.perf_counter()
-        router = create(name, **args).fit(train, x_train, embedder=emb)
-        fit_s = time.perf_counter() - t0
-        ev = evaluate(router, x_test, test, name=name)
+        if name in RANDOMISED:  # the mean of DRAWS seeded draws, as `moekit route eval` reports them
+            draws = [evaluate(create(name, seed=s).fit(train, x_train), x_test, test) for s in range(DRAWS)]
+            fit_s = time.perf_counter() - t0
+            ev = mean_evaluation(draws, name)
+        else:
+            router = create(name, **args).fit(train, x_train, embedder=emb)
+            fit_s = time.perf_counter() - t0
+            ev = evaluate(router, x_test, test, name=name)
         evals.append(ev)
         row = ev.row() | {"split": by, "fit_seconds": fit_s, "test_queries": len(test)}
         rows.append(row)

@@ -8,6 +8,13 @@ same noise; added latency = p50(through router) - p50(direct). Then rounds of 20
     .venv/bin/python benchmarks/llmroute_server.py [--data ../shared/data/routellm-mmlu] [--requests 400]
 
 Writes benchmarks/results/llmroute_server.json.
+
+`--mixed` runs a bounded load test instead: small prompts sent one after another, first alone, then while
+`--large-inflight` clients keep ~900 kB prompts in flight (all routed by kNN), against the same local fake
+backend; reports p50/p99 latency of the small requests in both phases. At most `--small-requests` small
+requests per phase and `--time-limit-s` seconds in all. Writes benchmarks/results/llmroute_server_mixed.json.
+
+    .venv/bin/python benchmarks/llmroute_server.py --mixed --data ../shared/data/routellm-mmlu
 """
 
 from __future__ import annotations
@@ -101,6 +108,91 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     }
 
 
+def small_latencies(
+    url: str, direct_url: str, prompts: list[str], n: int, deadline: float
+) -> tuple[list[float], list[float], list]:
+    """Latencies (ms) of up to `n` small requests sent one after another, stopping at `deadline`: routed by the
+    server (`router-knn`), and, alternating with them, sent straight to the backend (what the machine's load
+    alone costs)."""
+    import httpx
+
+    routed, direct, errors = [], [], []
+    with httpx.Client(timeout=60) as c:
+        for i in range(n + 5):
+            if time.monotonic() > deadline:
+                break
+            content = prompts[i % len(prompts)]
+            for out, target, model in ((routed, url, "router-knn"), (direct, direct_url, WEAK)):
+                body = {"model": model, "messages": [{"role": "user", "content": content}]}
+                t = time.perf_counter()
+                r = c.post(f"{target}/v1/chat/completions", json=body)
+                if i >= 5:  # the first 5 warm up
+                    out.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+    return routed, direct, errors
+
+
+def mixed_load(url: str, direct_url: str, prompts: list[str], a) -> dict:
+    """Small routed requests alone, then with `a.large_inflight` large (~`a.large_kb` kB) routed prompts in flight."""
+    import threading
+
+    import httpx
+
+    deadline = time.monotonic() + a.time_limit_s
+    words = " ".join(prompts).split()
+    large_text, n = [], 0
+    for w in words * (1 + a.large_kb * 1000 // max(1, len(" ".join(words)))):
+        if n >= a.large_kb * 1000:
+            break
+        large_text.append(w)
+        n += len(w) + 1
+    large_body = json.dumps(
+        {"model": "router-knn", "messages": [{"role": "user", "content": " ".join(large_text)}]}
+    ).encode()
+    alone, alone_direct, errors_alone = small_latencies(url, direct_url, prompts, a.small_requests, deadline)
+    stop = threading.Event()
+    large_ms: list[float] = []
+    large_codes: list = []
+
+    def large_worker() -> None:  # a separate connection each, sending pre-encoded bodies until told to stop
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set() and time.monotonic() < deadline:
+                t = time.perf_counter()
+                try:
+                    r = c.post(
+                        f"{url}/v1/chat/completions", content=large_body, headers={"content-type": "application/json"}
+                    )
+                    large_codes.append(r.status_code)
+                except httpx.HTTPError as exc:
+                    large_codes.append(type(exc).__name__)
+                large_ms.append((time.perf_counter() - t) * 1000)
+
+    workers = [threading.Thread(target=large_worker, daemon=True) for _ in range(a.large_inflight)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)  # let the large prompts get going
+    loaded, loaded_direct, errors_loaded = small_latencies(url, direct_url, prompts, a.small_requests, deadline)
+    stop.set()
+    for w in workers:
+        w.join(timeout=130)
+    return {
+        "large_prompt_bytes": len(large_body),
+        "large_inflight": a.large_inflight,
+        "small_alone_ms": percentiles(alone),
+        "small_alone_n": len(alone),
+        "small_with_large_ms": percentiles(loaded),
+        "small_with_large_n": len(loaded),
+        "small_direct_to_backend_alone_ms": percentiles(alone_direct),
+        "small_direct_to_backend_with_large_ms": percentiles(loaded_direct),
+        "small_errors": errors_alone + errors_loaded,
+        "large_completed": len(large_ms),
+        "large_ok": sum(c == 200 for c in large_codes),
+        "large_ms": percentiles(large_ms) if large_ms else None,
+        "time_limit_s": a.time_limit_s,
+    }
+
+
 async def concurrent_round(url: str, n: int, prompts: list[str]) -> dict:
     import httpx
 
@@ -136,8 +228,15 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=400, help="sequential requests to each target")
     p.add_argument("--concurrency", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3, help="rounds of concurrent requests")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llmroute_server.json"))
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/llmroute_server[_mixed].json)")
+    p.add_argument("--mixed", action="store_true", help="run the bounded mixed large/small load test instead")
+    p.add_argument("--large-kb", type=int, default=900, help="--mixed: size of each large prompt in kB")
+    p.add_argument("--large-inflight", type=int, default=4, help="--mixed: large prompts kept in flight")
+    p.add_argument("--small-requests", type=int, default=200, help="--mixed: small requests in each phase")
+    p.add_argument("--time-limit-s", type=float, default=240.0, help="--mixed: time limit of the load test")
     a = p.parse_args()
+    name = "llmroute_server_mixed.json" if a.mixed else "llmroute_server.json"
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / name)
     if a.role == "backend":
         role_backend(a.port)
         return 0
@@ -175,6 +274,20 @@ def main() -> int:
             prompts = load_routellm(a.data).queries[:: max(1, 14042 // 1000)][:1000]
         else:
             prompts = ["solve the integral of x squared", "tell me a joke about the weather"] * 500
+        if a.mixed:
+            mixed = mixed_load(router_url, backend_url, prompts, a)
+            text = httpx.get(f"{router_url}/metrics").text
+            print(
+                f"small requests p50/p99: alone {mixed['small_alone_ms']['p50']:.1f}/"
+                f"{mixed['small_alone_ms']['p99']:.1f} ms; with {a.large_inflight} x {a.large_kb} kB in flight "
+                f"{mixed['small_with_large_ms']['p50']:.1f}/{mixed['small_with_large_ms']['p99']:.1f} ms "
+                f"({mixed['large_completed']} large requests done, {mixed['large_ok']} ok); straight to the backend "
+                f"{mixed['small_direct_to_backend_alone_ms']['p50']:.1f} ms alone, "
+                f"{mixed['small_direct_to_backend_with_large_ms']['p50']:.1f} ms with the large ones in flight",
+                flush=True,
+            )
+            mixed["server_metrics"] = [ln for ln in text.splitlines() if "routing_seconds" in ln or "failed" in ln]
+            return write_result(a, source, {"mixed": mixed})
         # routing compute alone, in this process: embed one query + kNN
         from threadpoolctl import threadpool_limits
 
@@ -230,11 +343,30 @@ def main() -> int:
                 pr.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pr.kill()
+    return write_result(
+        a,
+        source,
+        {
+            "sequential_requests": a.requests,
+            "direct_ms": direct,
+            "through_server_no_routing_ms": proxy,
+            "through_router_ms": routed,
+            "added_ms_p50": added,
+            "routing_compute_ms": routing,
+            "routing_in_server_mean_ms": in_server_ms,
+            "concurrent_rounds": rounds,
+            "target": "added p50 < 5 ms; 200 concurrent requests without errors",
+        },
+    )
+
+
+def write_result(a, source: str, numbers: dict) -> int:
     import fastapi
+    import httpx
     import uvicorn
 
     result = {
-        "benchmark": "llmroute_server",
+        "benchmark": "llmroute_server" + ("_mixed" if a.mixed else ""),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {platform.system()}; client, router and "
         "fake backend share the cores",
@@ -245,15 +377,8 @@ def main() -> int:
             "httpx": httpx.__version__,
         },
         "router": f"knn (k=40) over TF-IDF+SVD(256), {source}",
-        "sequential_requests": a.requests,
-        "direct_ms": direct,
-        "through_server_no_routing_ms": proxy,
-        "through_router_ms": routed,
-        "added_ms_p50": added,
-        "routing_compute_ms": routing,
-        "routing_in_server_mean_ms": in_server_ms,
-        "concurrent_rounds": rounds,
-        "target": "added p50 < 5 ms; 200 concurrent requests without errors",
+        "load_average_1_5_15_min_at_end": list(os.getloadavg()),  # other jobs on the machine
+        **numbers,
     }
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")

@@ -121,25 +121,49 @@ def eval_cmd(
     baselines: Annotated[bool, typer.Option(help="also evaluate random, oracle, best, zero")] = True,
     part: Annotated[str, typer.Option(help="test | val | all")] = "test",
     cache: CacheOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="evaluate on this other dataset instead (all of it; models matched by name)"),
+    ] = None,
+    format: Annotated[str | None, typer.Option("--format", help="format of --data (default: the runs')")] = None,
+    model_map: Annotated[
+        list[str] | None,
+        typer.Option("--model-map", help="COLUMN=MODEL: a model column of --data under another name (repeatable)"),
+    ] = None,
 ) -> None:
-    """Print the metrics table of trained routers on their test data; write metrics.json and plots."""
+    """Print the metrics table of trained routers on their test data (or on --data); write metrics.json and plots."""
     from rich.console import Console
     from rich.table import Table
 
     from moekit.llmroute.pipeline import evaluate_runs
     from moekit.llmroute.plots import plot_cost_quality, plot_pgr
 
-    table, evals = evaluate_runs([str(r) for r in runs], baselines=baselines, part=part, cache_dir=_cache(cache))
+    mapping = {}
+    for item in model_map or []:
+        column, sep, model = item.partition("=")
+        if not sep or not column or not model:
+            raise typer.BadParameter(f"--model-map: expected COLUMN=MODEL, found {item!r}")
+        mapping[column] = model
+    table, evals = evaluate_runs(
+        [str(r) for r in runs],
+        baselines=baselines,
+        part=part,
+        cache_dir=_cache(cache),
+        data=data,
+        data_format=format,
+        model_map=mapping,
+    )
     two = len(table.models) == 2
-    t = Table(title=f"{len(table)} {part} queries, models {table.models}")
+    what = f"queries of {data}" if data else f"{part} queries"
+    t = Table(title=f"{len(table)} {what}, models {table.models}")
     cols = ["router"] + (["APGR", "CPT(50%)", "CPT(80%)"] if two else []) + ["cost cut @95%", "AIQ", "max quality"]
     for c in cols:
         t.add_column(c, justify="left" if c == "router" else "right")
+    keys = (["apgr", "cpt50", "cpt80"] if two else []) + ["cost_cut_at_target", "aiq", "max_quality"]
     for ev in evals:
         r = ev.row()
-        vals = [r["apgr"], r["cpt50"], r["cpt80"]] if two else []
-        vals += [r["cost_cut_at_target"], r["aiq"], r["max_quality"]]
-        t.add_row(ev.name, *(f"{v:.3f}" for v in vals))
+        cells = [f"{r[k]:.3f}" + (f" ± {r[k + '_std']:.3f}" if k + "_std" in r else "") for k in keys]
+        t.add_row(ev.name + (f" (mean of {ev.draws})" if ev.draws > 1 else ""), *cells)
     Console().print(t)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -194,9 +218,16 @@ def serve(
     config: Annotated[Path, typer.Option("--config", help="routes.yaml")],
     host: Annotated[str | None, typer.Option(help="override server.host")] = None,
     port: Annotated[int | None, typer.Option(help="override server.port")] = None,
+    api_keys_env: Annotated[
+        str | None,
+        typer.Option(
+            "--api-keys-env",
+            help="environment variable with the clients' bearer keys, comma-separated (default: server.api_keys_env)",
+        ),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible router (/v1/chat/completions, /v1/models, /health, /metrics)."""
     from moekit.llmroute.config import RoutesConfig
     from moekit.llmroute.server import run_server
 
-    run_server(RoutesConfig.from_file(config), host=host, port=port)
+    run_server(RoutesConfig.from_file(config), host=host, port=port, api_keys_env=api_keys_env)

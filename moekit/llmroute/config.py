@@ -51,13 +51,19 @@ class ServerSettings:
     max_messages: int = 512  # more chat messages than this get 400
     max_connections: int = 1000  # most simultaneous connections to the backends
     blas_threads: int = 1  # BLAS threads for the routing math (0 = leave as is); 1 avoids thread hand-off stalls
+    max_route_chars: int = 16_000  # a router embeds at most this many characters of a prompt (first and last halves)
+    api_keys_env: str | None = None  # environment variable holding the clients' bearer keys, comma-separated
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port: expected 0..65535, found {self.port}")
         if not isinstance(self.blas_threads, int) or self.blas_threads < 0:
             raise ValueError(f"server.blas_threads: expected an integer >= 0, found {self.blas_threads!r}")
-        for name in ("max_body_bytes", "max_messages", "max_connections"):
+        if self.api_keys_env is not None and (not isinstance(self.api_keys_env, str) or not self.api_keys_env):
+            raise ValueError(
+                f"server.api_keys_env: expected an environment variable's name, found {self.api_keys_env!r}"
+            )
+        for name in ("max_body_bytes", "max_messages", "max_connections", "max_route_chars"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"server.{name}: expected an integer >= 1, found {v!r}")

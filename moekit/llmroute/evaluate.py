@@ -27,10 +27,12 @@ class Evaluation:
     cpt50: float | None = None  # two models only: share of strong calls for PGR >= 50%
     cpt80: float | None = None  # two models only: share of strong calls for PGR >= 80%
     curve: PGRCurve | None = field(default=None, repr=False)  # two models only: the exact PGR curve
+    draws: int = 1  # evaluations averaged (randomised baselines: one per seed)
+    spread: dict[str, float] = field(default_factory=dict)  # metric -> standard deviation over the draws
 
     def row(self) -> dict[str, float | str | None]:
-        """The metrics as a flat JSON-friendly dict."""
-        return {
+        """The metrics as a flat JSON-friendly dict (with `<metric>_std` and `draws` for averaged draws)."""
+        out: dict[str, float | str | None] = {
             "router": self.name,
             "apgr": self.apgr,
             "cpt50": self.cpt50,
@@ -39,6 +41,58 @@ class Evaluation:
             "aiq": self.aiq,
             "max_quality": float(np.max(self.quality)),
         }
+        if self.draws > 1:
+            out["draws"] = self.draws
+            out.update({f"{k}_std": v for k, v in self.spread.items()})
+        return out
+
+
+_ROW_OF = {"apgr": "apgr", "cpt50": "cpt50", "cpt80": "cpt80", "cost_cut": "cost_cut_at_target", "aiq": "aiq"}
+
+
+def mean_evaluation(evals: list[Evaluation], name: str) -> Evaluation:
+    """One Evaluation holding the mean of `evals` (draws of a randomised router on one table) and each metric's
+    standard deviation over them in `spread` (keys as in `row()`). Curves are averaged point by point."""
+    if not evals:
+        raise ValueError("mean_evaluation: expected at least one evaluation")
+    shapes = {e.cost.shape for e in evals}
+    if len(shapes) != 1:
+        raise ValueError(f"mean_evaluation: expected draws with the same operating points, found shapes {shapes}")
+
+    def stat(attr: str) -> tuple[float | None, float | None]:
+        vals = [getattr(e, attr) for e in evals]
+        if vals[0] is None:
+            return None, None
+        a = np.asarray(vals, float)
+        return float(np.nanmean(a)), float(np.nanstd(a))
+
+    means, spread = {}, {}
+    for attr, key in _ROW_OF.items():
+        means[attr], sd = stat(attr)
+        if sd is not None:
+            spread[key] = sd
+    curve = None
+    if evals[0].curve is not None:
+        cs = [e.curve for e in evals]
+        curve = PGRCurve(
+            share=np.mean([c.share for c in cs], axis=0),
+            quality=np.mean([c.quality for c in cs], axis=0),
+            cost=np.mean([c.cost for c in cs], axis=0),
+            pgr=np.mean([c.pgr for c in cs], axis=0),
+            q_weak=cs[0].q_weak,
+            q_strong=cs[0].q_strong,
+            c_strong=cs[0].c_strong,
+        )
+    return Evaluation(
+        name=name,
+        cost=np.mean([e.cost for e in evals], axis=0),
+        quality=np.mean([e.quality for e in evals], axis=0),
+        target_quality=evals[0].target_quality,
+        curve=curve,
+        draws=len(evals),
+        spread=spread,
+        **means,
+    )
 
 
 def sweep(router: Router, x: np.ndarray, table: RoutingTable, mus=DEFAULT_MUS) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +114,11 @@ def evaluate(
     name: str | None = None,
     mus=DEFAULT_MUS,
     target_share: float = 0.95,
-    seed: int = 0,
 ) -> Evaluation:
     """Every metric of `router` on `table` (queries embedded as `x: [Q, D]`).
 
-    Two-model tables get the exact PGR curve (queries ranked by `strong_score(cost_aware=False)`), APGR,
+    Two-model tables get the exact PGR curve (a threshold swept over `strong_score(cost_aware=False)`, tied
+    scores moving together, see `metrics.pgr_curve`), APGR,
     CPT(50%), CPT(80%); the cost cut and AIQ come from the cost-aware ranking (the router's own trade-off),
     the cut measured at `target_share` x the strong model's mean quality, against calling it always.
     """
@@ -77,14 +131,15 @@ def evaluate(
     mean_cost = table.mean_cost()
     cost_range = (float(mean_cost.min()), float(mean_cost.max()))
     pair: dict = {}  # the two-model metrics
+    path = False  # whether the operating points form a threshold curve (then segments between them count)
     if len(table.models) == 2:
         # PGR and CPT count strong calls: rank by the predicted quality gain. Cost cut and AIQ count dollars:
         # rank by the router's own cost-aware switch point (the same when the router ignores cost).
         cw, cs = router.pair_costs(table)
         qw, qs = table.quality[:, w], table.quality[:, s]
-        curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs, seed=seed)
-        by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs, seed=seed)
-        cost, quality = by_cost.cost, by_cost.quality
+        curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs)
+        by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs)
+        cost, quality, path = by_cost.cost, by_cost.quality, True
         pair = dict(apgr=apgr(curve), cpt50=cpt(curve, 0.5), cpt80=cpt(curve, 0.8), curve=curve)
     else:
         cost, quality = sweep(router, x, table, mus)
@@ -94,7 +149,7 @@ def evaluate(
         quality=quality,
         aiq=aiq(cost, quality, cost_range),
         target_quality=target,
-        cost_cut=cost_cut(cost, quality, target, c_strong),
+        cost_cut=cost_cut(cost, quality, target, c_strong, path=path),
         **pair,
     )
 

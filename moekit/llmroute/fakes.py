@@ -1,22 +1,38 @@
-"""A fake OpenAI-compatible backend for tests, benchmarks and demos (answers instantly, or slowly, or fails)."""
+"""Fake OpenAI-compatible backends for tests, benchmarks and demos (answer instantly, slowly, fail, or misbehave).
+
+`fake_backend_app` is a FastAPI app; `raw_backend` answers every request with fixed bytes, for the failures
+an app cannot produce cleanly (a stream cut off in the middle).
+"""
 
 import asyncio
 import json
+import socket
+import threading
 import time
+from contextlib import contextmanager
 
 from moekit.llmroute.deps import require
 
 
-def fake_backend_app(name: str, *, delay_s: float = 0.0, fail_status: int | None = None, reply: str | None = None):
+def fake_backend_app(
+    name: str,
+    *,
+    delay_s: float = 0.0,
+    fail_status: int | None = None,
+    fail_headers: dict[str, str] | None = None,
+    reply: str | None = None,
+    html_streams: bool = False,
+):
     """A FastAPI app whose /v1/chat/completions answers as model `name`.
 
     `delay_s`: wait this long before answering (to trigger timeouts); `fail_status`: answer every request
-    with this HTTP status; `reply`: the answer text (default "hello from <name>"). `app.state.calls`
-    counts the requests it received and `app.state.last_body` keeps the last body.
+    with this HTTP status (and `fail_headers`, e.g. Retry-After); `reply`: the answer text (default
+    "hello from <name>"); `html_streams`: answer streamed requests with a 200 HTML page (a proxy's login
+    wall). `app.state.calls` counts the requests it received and `app.state.last_body` keeps the last body.
     """
     require("fastapi")
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     app = FastAPI()
     app.state.calls = 0
@@ -33,8 +49,10 @@ def fake_backend_app(name: str, *, delay_s: float = 0.0, fail_status: int | None
         if delay_s:
             await asyncio.sleep(delay_s)
         if fail_status is not None:
-            return JSONResponse({"error": {"message": "fake failure"}}, status_code=fail_status)
+            return JSONResponse({"error": {"message": "fake failure"}}, status_code=fail_status, headers=fail_headers)
         created = int(time.time())
+        if body.get("stream") and html_streams:
+            return HTMLResponse("<html><body>Please sign in</body></html>")
         if body.get("stream"):
             words = text.split(" ")
 
@@ -72,3 +90,67 @@ def fake_backend_app(name: str, *, delay_s: float = 0.0, fail_status: int | None
         }
 
     return app
+
+
+def sse_cut_off(events: list[dict]) -> bytes:
+    """An HTTP/1.1 200 event stream (chunked) holding `events`, which ends without its final chunk: the bytes
+    of a backend that died in the middle of a stream (for `raw_backend`)."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = b""
+    for ev in events:
+        data = f"data: {json.dumps(ev)}\n\n".encode()
+        body += f"{len(data):x}\r\n".encode() + data + b"\r\n"
+    return head + body
+
+
+@contextmanager
+def raw_backend(response: bytes, *, host: str = "127.0.0.1"):
+    """A server on `host` that reads each HTTP request and answers it with the bytes `response`, then closes
+    the connection; yields its base URL (http://127.0.0.1:PORT). For responses no well-behaved app sends."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, 0))
+    srv.listen(64)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v.strip())
+            while len(rest) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                rest += chunk
+            conn.sendall(response)
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        srv.close()

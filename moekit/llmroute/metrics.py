@@ -2,11 +2,14 @@
 
 Two models, weak w and strong s, `Q` queries:
 - PGR (performance gap recovered, RouteLLM): (q_router - q_weak) / (q_strong - q_weak).
-- PGR curve: send the `n` queries with the highest router score to s, the rest to w, for n = 0..Q;
-  share c = n / Q. APGR = integral of PGR over c in [0, 1] (trapezoids on the Q + 1 exact points).
-- CPT(x): the smallest share of strong calls whose PGR is >= x.
+- PGR curve: sweep a threshold t over the router's scores, sending the queries with score >= t to s and
+  the rest to w (RouteLLM's convention): queries with equal scores move together, so the operating points
+  are n = 0 and the end of each group of tied scores (n = Q when no two scores tie); share c = n / Q.
+  APGR = integral of PGR over c in [0, 1] (trapezoids on the operating points; linear between them is what
+  sending a random part of a tied group achieves on average).
+- CPT(x): the smallest share of strong calls at which the curve (linear between points) reaches PGR x.
 - Cost cut at a quality target: 1 - (cost of the cheapest operating point reaching the target) /
-  (cost of calling s for every query).
+  (cost of calling s for every query); on a two-model curve, points between neighbours count too.
 Any number of models, points (cost, quality) from a sweep of the trade-off:
 - AIQ (RouterBench): area under the non-decreasing upper convex hull of the points over
   [c_min, c_max], divided by (c_max - c_min).
@@ -31,12 +34,12 @@ def pgr(q_router: float, q_weak: float, q_strong: float) -> float:
 
 @dataclass
 class PGRCurve:
-    """A router's exact two-model curve: arrays of Q + 1 operating points (n = 0..Q strong calls)."""
+    """A router's exact two-model curve: its P operating points (n = 0, then the end of each tied group of scores)."""
 
-    share: np.ndarray  # [Q+1] share of queries sent to the strong model, n / Q
-    quality: np.ndarray  # [Q+1] mean quality at that share
-    cost: np.ndarray  # [Q+1] mean cost per query at that share
-    pgr: np.ndarray  # [Q+1] PGR at that share
+    share: np.ndarray  # [P] share of queries sent to the strong model, n / Q
+    quality: np.ndarray  # [P] mean quality at that share
+    cost: np.ndarray  # [P] mean cost per query at that share
+    pgr: np.ndarray  # [P] PGR at that share
     q_weak: float  # mean quality of the weak model alone
     q_strong: float  # mean quality of the strong model alone
     c_strong: float  # mean cost per query of the strong model alone (all-strong cost)
@@ -48,12 +51,12 @@ def pgr_curve(
     q_strong: np.ndarray,
     c_weak: np.ndarray | None = None,
     c_strong: np.ndarray | None = None,
-    *,
-    seed: int = 0,
 ) -> PGRCurve:
-    """PGR, quality and cost at every share of strong calls, ranking queries by `score` (high -> strong).
+    """PGR, quality and cost as a threshold on `score` (high -> strong) sweeps from above the highest to the lowest.
 
-    Equal scores are ordered at random (seeded), so a constant router behaves like the random one.
+    Queries with equal scores cross any threshold together, so a tied group moves to the strong model at
+    once (RouteLLM's `score >= threshold`): the points are n = 0 and the end of each tied group, P <= Q + 1
+    of them. A constant score gives the two points "all weak" and "all strong", and APGR 0.5, as random.
     Shapes: all [Q]; costs default to 0 (weak) and 1 (strong) per query.
     """
     score = np.asarray(score, float)
@@ -64,17 +67,20 @@ def pgr_curve(
             f"pgr_curve: expected score, q_weak, q_strong of one shape [Q>0], found "
             f"{score.shape}, {qw.shape}, {qs.shape}"
         )
+    if not np.all(np.isfinite(score)):
+        raise ValueError("pgr_curve: expected finite scores, found NaN or inf")
     cw = np.zeros(n) if c_weak is None else np.asarray(c_weak, float)
     cs = np.ones(n) if c_strong is None else np.asarray(c_strong, float)
-    tie = np.random.default_rng(seed).permutation(n)
-    order = np.lexsort((tie, -score))  # highest score first, ties at random
-    gain = np.concatenate([[0.0], np.cumsum((qs - qw)[order])])
-    extra = np.concatenate([[0.0], np.cumsum((cs - cw)[order])])
+    order = np.argsort(-score, kind="stable")  # highest score first
+    ranked = score[order]
+    ends = np.concatenate([[0], np.flatnonzero(ranked[1:] != ranked[:-1]) + 1, [n]])  # [P] n at each point
+    gain = np.concatenate([[0.0], np.cumsum((qs - qw)[order])])[ends]
+    extra = np.concatenate([[0.0], np.cumsum((cs - cw)[order])])[ends]
     quality = (qw.sum() + gain) / n
     cost = (cw.sum() + extra) / n
     q_w, q_s = float(qw.mean()), float(qs.mean())
     return PGRCurve(
-        share=np.arange(n + 1) / n,
+        share=ends / n,
         quality=quality,
         cost=cost,
         pgr=(quality - q_w) / _gap(q_w, q_s),
@@ -96,25 +102,46 @@ def apgr(curve: PGRCurve) -> float:
 
 
 def cpt(curve: PGRCurve, x: float) -> float:
-    """Call-performance threshold CPT(x): the smallest share of strong calls with PGR >= x (x = 0.5 for 50%)."""
+    """Call-performance threshold CPT(x): the smallest share of strong calls at which PGR reaches x (x = 0.5 for
+    50%), on the curve taken linear between its points (as RouteLLM interpolates); nan when never reached."""
     hit = np.flatnonzero(curve.pgr >= x - 1e-12)
     if len(hit) == 0:
         return float("nan")
-    return float(curve.share[hit[0]])
+    k = int(hit[0])
+    if k == 0:
+        return float(curve.share[0])
+    p0, p1, s0, s1 = curve.pgr[k - 1], curve.pgr[k], curve.share[k - 1], curve.share[k]
+    return float(s0 + (x - p0) / (p1 - p0) * (s1 - s0))
 
 
-def cheapest_reaching(cost: np.ndarray, quality: np.ndarray, target: float) -> float:
-    """The lowest cost among operating points whose quality is >= target (nan when none is)."""
+def cheapest_reaching(cost: np.ndarray, quality: np.ndarray, target: float, *, path: bool = False) -> float:
+    """The lowest cost among operating points whose quality is >= target (nan when none is).
+
+    path=True: the points are consecutive points of a curve (a threshold sweep) and the segments between
+    them count too (mixing two neighbouring points, as sending a random part of a tied group does).
+    """
     cost, quality = np.asarray(cost, float), np.asarray(quality, float)
     ok = quality >= target - 1e-12
-    return float(cost[ok].min()) if ok.any() else float("nan")
+    best = float(cost[ok].min()) if ok.any() else float("nan")
+    if path and len(cost) > 1:
+        q0, q1, c0, c1 = quality[:-1], quality[1:], cost[:-1], cost[1:]
+        up = (q0 < target) & (q1 >= target - 1e-12)  # segments crossing the target on the way up
+        if up.any():
+            t = (target - q0[up]) / (q1[up] - q0[up])
+            best = float(np.nanmin([best, *(c0[up] + t * (c1[up] - c0[up]))]))
+    return best
 
 
-def cost_cut(cost: np.ndarray, quality: np.ndarray, target: float, reference_cost: float) -> float:
-    """1 - (cheapest cost reaching `target` quality) / `reference_cost` (nan when the target is never reached)."""
+def cost_cut(
+    cost: np.ndarray, quality: np.ndarray, target: float, reference_cost: float, *, path: bool = False
+) -> float:
+    """1 - (cheapest cost reaching `target` quality) / `reference_cost` (nan when the target is never reached).
+
+    path=True: the points are a curve and its segments count (see `cheapest_reaching`).
+    """
     if reference_cost <= 0:
         raise ValueError(f"cost_cut: expected a reference cost > 0, found {reference_cost}")
-    return 1.0 - cheapest_reaching(cost, quality, target) / reference_cost
+    return 1.0 - cheapest_reaching(cost, quality, target, path=path) / reference_cost
 
 
 def upper_hull(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moekit.llmroute.embed import encode_cached, load_embedder, make_embedder
-from moekit.llmroute.loaders import FORMATS, load_table
+from moekit.llmroute.loaders import FORMATS, MissingModels, load_table
 from moekit.llmroute.prices import PriceTable
 from moekit.llmroute.routers import Router, create, load_router
 from moekit.llmroute.table import RoutingTable, SplitConfig, split_rows
@@ -36,7 +36,8 @@ class DataConfig:
         if self.output_tokens < 0:
             raise ValueError(f"DataConfig.output_tokens: expected >= 0, found {self.output_tokens}")
 
-    def load(self) -> RoutingTable:
+    def load(self, models: list[str] | None = None) -> RoutingTable:
+        """The table, restricted to `models` (in that order; chosen before any cell is checked) when given."""
         prices = PriceTable.from_file(self.prices) if self.prices else PriceTable.default()
         return load_table(
             self.path,
@@ -44,6 +45,7 @@ class DataConfig:
             prices=prices,
             output_tokens=self.output_tokens,
             allow_pickle=self.allow_pickle,
+            models=models,
         )
 
 
@@ -68,9 +70,7 @@ class TrainConfig:
 
 def prepare(config: TrainConfig) -> tuple[RoutingTable, RoutingTable, RoutingTable, RoutingTable]:
     """(full, train, val, test) tables of a training config."""
-    table = config.data.load()
-    if config.models:
-        table = table.select_models(config.models)
+    table = config.data.load(config.models)
     parts = split_rows(table, config.split)
     return table, table.subset(parts.train), table.subset(parts.val), table.subset(parts.test)
 
@@ -113,6 +113,41 @@ def load_trained(folder: str | Path) -> Trained:
 
 
 BASELINES = ("random", "oracle", "best", "zero")
+RANDOMISED = ("random", "zero")  # baselines that draw at random: reported as the mean of DRAWS seeds
+DRAWS = 10  # as RouteLLM reports its random router
+
+
+def load_other_table(
+    run: Trained, path: str, *, format: str | None = None, model_map: dict[str, str] | None = None
+) -> RoutingTable:
+    """Another dataset for a trained router (cross-benchmark evaluation), its model columns matched by name.
+
+    The data is read with the run's data options (prices, output tokens) but `path` and `format`. `model_map`
+    renames columns (column name in the data -> model name the router knows; the column is priced as that
+    model). The table comes back with the router's models, in the router's order; a model the data lacks
+    is an error naming what the router needs and what the data has.
+    """
+    d = run.config.data
+    fmt = format or d.format
+    prices = PriceTable.from_file(d.prices) if d.prices else PriceTable.default()
+    model_map = dict(model_map or {})
+    column_of = {model: column for column, model in model_map.items()}
+    for column, model in model_map.items():
+        if model in prices.prices and column not in prices.prices:
+            prices.prices[column] = prices.prices[model]
+    wanted = [column_of.get(m, m) for m in run.router.models]
+    try:
+        table = load_table(
+            path, format=fmt, prices=prices, output_tokens=d.output_tokens, allow_pickle=d.allow_pickle, models=wanted
+        )
+    except MissingModels as exc:
+        need = [m for m in run.router.models if column_of.get(m, m) in exc.missing]
+        raise ValueError(
+            f"{path}: no column for models {need} that the router was trained on (router models: "
+            f"{run.router.models}; model columns of the data: {exc.found}); "
+            "map a column to a model with --model-map COLUMN=MODEL"
+        ) from None
+    return RoutingTable(table.queries, list(run.router.models), table.quality, table.cost, table.categories)
 
 
 def evaluate_runs(
@@ -121,40 +156,58 @@ def evaluate_runs(
     baselines: bool = True,
     part: str = "test",
     cache_dir: str | Path | None = None,
+    data: str | Path | None = None,
+    data_format: str | None = None,
+    model_map: dict[str, str] | None = None,
 ):
     """Evaluate trained routers (and the baselines) on the `part` ("test", "val" or "all") of their data.
 
-    All folders must have been trained on the same data and split. Returns (table, [Evaluation]).
+    All folders must have been trained on the same data and split. With `data`, they are evaluated instead
+    on the whole of that other table (cross-benchmark: see `load_other_table`); they must then share their
+    models, and the baselines are fitted on that table. Returns (table, [Evaluation]).
     """
-    from moekit.llmroute.evaluate import evaluate
+    from moekit.llmroute.evaluate import evaluate, mean_evaluation
 
     if not folders:
         raise ValueError("evaluate_runs: expected at least one trained router folder")
     runs = [load_trained(f) for f in folders]
+    if data is not None:
+        for f, r in zip(folders[1:], runs[1:], strict=True):
+            if sorted(r.router.models) != sorted(runs[0].router.models):
+                raise ValueError(
+                    f"{f}: trained on models {r.router.models}, {folders[0]} on {runs[0].router.models}; "
+                    "evaluate them apart"
+                )
+        table = load_other_table(runs[0], str(data), format=data_format, model_map=model_map)
+        train_t = table
+    else:
 
-    def same_test(c: dict) -> tuple:  # the test part depends on the split's kind, test share and seed only
-        sp = c["split"]
-        return c["data"], c["models"], sp["by"], sp["test_size"], sp["seed"], *([] if part == "test" else [sp])
+        def same_test(c: dict) -> tuple:  # the test part depends on the split's kind, test share and seed only
+            sp = c["split"]
+            return c["data"], c["models"], sp["by"], sp["test_size"], sp["seed"], *([] if part == "test" else [sp])
 
-    first = asdict(runs[0].config)
-    for f, r in zip(folders[1:], runs[1:], strict=True):
-        if same_test(asdict(r.config)) != same_test(first):
-            raise ValueError(f"{f}: trained on other data or another split than {folders[0]}; evaluate them apart")
-    full, train_t, val_t, test_t = prepare(runs[0].config)
-    parts = {"test": test_t, "val": val_t, "all": full}
-    if part not in parts:
-        raise ValueError(f"part: expected one of {list(parts)}, found {part!r}")
-    table = parts[part]
-    if len(table) == 0:
-        raise ValueError(f"the {part!r} part of the split is empty")
+        first = asdict(runs[0].config)
+        for f, r in zip(folders[1:], runs[1:], strict=True):
+            if same_test(asdict(r.config)) != same_test(first):
+                raise ValueError(f"{f}: trained on other data or another split than {folders[0]}; evaluate them apart")
+        full, train_t, val_t, test_t = prepare(runs[0].config)
+        parts = {"test": test_t, "val": val_t, "all": full}
+        if part not in parts:
+            raise ValueError(f"part: expected one of {list(parts)}, found {part!r}")
+        table = parts[part]
+        if len(table) == 0:
+            raise ValueError(f"the {part!r} part of the split is empty")
     evals = []
     if baselines:
         x_train = np.zeros((len(train_t), 1), np.float32)
         x_eval = np.zeros((len(table), 1), np.float32)
         for name in BASELINES:
-            router = create(name).fit(train_t, x_train)
-            evals.append(evaluate(router, x_eval, table, name=name))
+            if name in RANDOMISED:
+                draws = [evaluate(create(name, seed=s).fit(train_t, x_train), x_eval, table) for s in range(DRAWS)]
+                evals.append(mean_evaluation(draws, name))
+            else:
+                evals.append(evaluate(create(name).fit(train_t, x_train), x_eval, table, name=name))
     for f, run in zip(folders, runs, strict=True):
         x = run.embed(table.queries, cache_dir)
-        evals.append(evaluate(run.router, x, table, name=Path(f).name))
+        evals.append(evaluate(run.router, x, table.select_models(run.router.models), name=Path(f).name))
     return table, evals

@@ -4,13 +4,22 @@ A request names a model: `router-<name>` routes with that trained router at its 
 `router-<name>-<mu>` at trade-off `mu` (RouteLLM's style, e.g. `router-mf-0.116`), and a backend's model
 name goes straight to that backend. The chosen backend gets the request with retries on failure
 (timeouts, connection errors, 429, 5xx), then its `fallback` backend, and so on. Streams pass through
-byte for byte. API keys are read from the environment at request time and never logged.
+byte for byte; a backend that breaks off a stream ends it with an OpenAI-style error event. Backend API
+keys are read from the environment at request time and never logged; client keys (`server.api_keys_env`)
+are read once at start and compared in constant time. Client input never gets a 500: bad bodies get 400
+with an OpenAI-style error. Routing (embedding + scoring) of a long prompt and parsing of a large body run in
+a worker thread, and a router embeds at most `server.max_route_chars` characters of a prompt, so a large
+prompt never stalls the event loop.
 """
 
+import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +33,8 @@ from moekit.llmroute.prices import estimate_tokens
 log = logging.getLogger("moekit.llmroute.server")
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+INLINE_CHARS = 4_000  # texts up to this long are routed on the event loop (about 1 ms), longer ones in a thread
+INLINE_BYTES = 65_536  # request bodies up to this size are parsed on the event loop, larger ones in a thread
 
 
 class RequestError(Exception):
@@ -35,7 +46,11 @@ class RequestError(Exception):
 
 
 class BackendError(Exception):
-    """Every backend tried for a request failed."""
+    """Every backend tried for a request failed; `retry_after` is the last 429's Retry-After header, if any."""
+
+    def __init__(self, message: str, *, rate_limited: bool = False, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.rate_limited, self.retry_after = rate_limited, retry_after
 
 
 @dataclass
@@ -53,16 +68,20 @@ class Metrics:
 
     def __init__(self) -> None:
         self.counters: dict[tuple[str, tuple], float] = defaultdict(float)
+        self._lock = threading.Lock()  # routing counts from worker threads, the rest from the event loop
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self.counters[(name, tuple(sorted(labels.items())))] += value
+        with self._lock:
+            self.counters[(name, tuple(sorted(labels.items())))] += value
 
     def get(self, name: str, **labels: str) -> float:
         return self.counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def render(self) -> str:
+        with self._lock:
+            items = sorted(self.counters.items())
         lines = []
-        for (name, labels), v in sorted(self.counters.items()):
+        for (name, labels), v in items:
             lab = ",".join(f'{k}="{_escape(val)}"' for k, val in labels)
             lines.append(f"moekit_route_{name}{{{lab}}} {v!r}" if lab else f"moekit_route_{name} {v!r}")
         return "\n".join(lines) + "\n"
@@ -84,8 +103,69 @@ def query_text(messages: list[dict]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(t for t in parts if isinstance(t, str))
     return ""
+
+
+def route_text(text: str, max_chars: int) -> str:
+    """What a router embeds: `text`, or (when longer than `max_chars`) its first `max_chars // 2` characters,
+    a newline and its last characters, `max_chars` in all."""
+    if len(text) <= max_chars:
+        return text
+    head = max_chars // 2
+    tail = max(0, max_chars - head - 1)
+    return text[:head] + "\n" + (text[len(text) - tail :] if tail else "")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"request body: {name} is not JSON; expected finite numbers")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"request body: the number {text[:40]} is out of range; expected finite numbers")
+    return v
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")  # \ud800-\udfff: a surrogate, maybe unpaired
+
+
+def parse_body(raw: bytes, max_messages: int) -> dict:
+    """Parse and check a chat-completions request body; raise `RequestError(400)` naming what is wrong.
+
+    Rejects what json.loads accepts but JSON does not (NaN, Infinity, numbers too large for a float) and
+    strings that are not valid Unicode (lone surrogates such as "\\ud800"), since none can be forwarded.
+    One parse; the body is encoded again only when it holds a surrogate escape (to tell pairs from lone ones).
+    """
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RequestError(400, "request body: JSON nested too deeply") from None
+    except UnicodeDecodeError:
+        raise RequestError(400, "request body: expected UTF-8 encoded JSON") from None
+    except ValueError as exc:
+        msg = str(exc)
+        raise RequestError(
+            400, msg if msg.startswith("request body:") else f"request body: expected JSON ({msg})"
+        ) from None
+    body = validate_chat_body(body, max_messages)
+    if _SURROGATE_ESCAPE.search(raw):
+        try:  # what the backends will be sent must encode: no lone surrogates
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "request body: a string holds a lone surrogate (e.g. \\ud800)") from None
+    return body
+
+
+def _json_type(v: object) -> str:
+    """The JSON name of a parsed value's type (for error messages)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(type(v), "?")
 
 
 def validate_chat_body(body: object, max_messages: int) -> dict:
@@ -106,6 +186,13 @@ def validate_chat_body(body: object, max_messages: int) -> dict:
         c = m.get("content")
         if c is not None and not isinstance(c, str | list):
             raise RequestError(400, f"'messages[{i}].content': expected a string, a list of parts, or null")
+        for j, part in enumerate(c if isinstance(c, list) else []):
+            where = f"'messages[{i}].content[{j}]'"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise RequestError(400, f"{where}: expected an object with a string 'type'")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                found = _json_type(part["text"]) if "text" in part else "nothing"
+                raise RequestError(400, f"{where}.text: expected a string, found {found}")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise RequestError(400, "'stream': expected true or false")
     return body
@@ -161,33 +248,59 @@ class RouterService:
     def model_ids(self) -> list[str]:
         return [f"router-{n}" for n in self.routers] + [b.model for b in self.config.backends]
 
-    def resolve(self, model: str, text: str) -> tuple[str, str]:
-        """(chosen backend model, how it was chosen) for a request's `model` field and query text."""
-        backends = {b.model for b in self.config.backends}
-        if model in backends:
-            return model, "direct"
+    def parse_model(self, model: str) -> tuple[str, str | None, float | None]:
+        """("backend" | "router", backend model or router name, trade-off or None) for a request's `model`.
+
+        `router-<name>` and `router-<name>-<mu>` with `mu` any float literal (`0.1`, `1e-3`); the longest
+        router name that matches wins, so a name is never cut at a '-' inside the number.
+        """
+        if model in {b.model for b in self.config.backends}:
+            return "backend", model, None
         if model.startswith("router-"):
             rest = model[len("router-") :]
-            name, mu = rest, None
-            if rest not in self.routers and "-" in rest:
-                name, _, mu_s = rest.rpartition("-")
-                try:
-                    mu = float(mu_s)
-                except ValueError:
-                    name, mu = rest, None
-            if name in self.routers:
-                sr = self.routers[name]
-                if mu is None:
-                    mu = sr.mu
-                if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
-                    raise RequestError(400, f"model {model!r}: trade-off must be in [0, 1], found {mu}")
-                t0 = time.perf_counter()
-                x = sr.embedder.encode([text])
-                choice = int(np.asarray(sr.router.route(x, mu))[0])
-                self.metrics.inc("routing_seconds_sum", time.perf_counter() - t0, router=name)
-                self.metrics.inc("routed_total", router=name, model=sr.router.models[choice])
-                return sr.router.models[choice], f"router-{name}@{mu:g}"
+            if rest in self.routers:
+                return "router", rest, None
+            for name in sorted(self.routers, key=len, reverse=True):
+                if rest.startswith(name + "-"):
+                    mu_s = rest[len(name) + 1 :]
+                    try:
+                        mu = float(mu_s)
+                    except ValueError:
+                        raise RequestError(
+                            400, f"model {model!r}: expected router-{name}-<trade-off in [0, 1]>, found {mu_s!r}"
+                        ) from None
+                    if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
+                        raise RequestError(400, f"model {model!r}: trade-off must be in [0, 1], found {mu_s}")
+                    return "router", name, mu
         raise RequestError(404, f"model {model!r} not found; available: {self.model_ids()}", "model_not_found")
+
+    def resolve(self, model: str, text: str) -> tuple[str, str]:
+        """(chosen backend model, how it was chosen) for a request's `model` field and query text.
+
+        Routing embeds at most `server.max_route_chars` characters of the text (see `route_text`); it is
+        CPU work, so the server calls this in a worker thread.
+        """
+        kind, target, mu = self.parse_model(model)
+        if kind == "backend":
+            return target, "direct"
+        sr = self.routers[target]
+        mu = sr.mu if mu is None else mu
+        t0 = time.perf_counter()
+        x = sr.embedder.encode([route_text(text, self.config.server.max_route_chars)])
+        choice = int(np.asarray(sr.router.route(x, mu))[0])
+        self.metrics.inc("routing_seconds_sum", time.perf_counter() - t0, router=target)
+        self.metrics.inc("routed_total", router=target, model=sr.router.models[choice])
+        return sr.router.models[choice], f"router-{target}@{mu:g}"
+
+    async def resolve_async(self, model: str, text: str) -> tuple[str, str]:
+        """`resolve` in a worker thread (the event loop keeps serving other requests meanwhile), or right here
+        for a short text (under `INLINE_CHARS`: about a millisecond, less than the hand-off to a thread costs
+        when other threads hold the GIL)."""
+        if len(text) <= INLINE_CHARS:
+            return self.resolve(model, text)
+        from anyio import to_thread
+
+        return await to_thread.run_sync(self.resolve, model, text)
 
     def _chain(self, model: str) -> list[BackendConfig]:
         chain, seen = [], set()
@@ -221,7 +334,7 @@ class RouterService:
     async def _attempts(self, body: dict, model: str, *, stream: bool):
         """Try the backends of `model`'s fallback chain; return (backend, httpx response) of the first success."""
         httpx = require("httpx")
-        last = "no backend tried"
+        last, retry_after = "no backend tried", None
         for i, b in enumerate(self._chain(model)):
             if i > 0:
                 self.metrics.inc("fallbacks_total", to=b.model)
@@ -246,15 +359,24 @@ class RouterService:
                 if resp.status_code in _RETRY_STATUS:
                     await resp.aclose()
                     last = f"{b.model}: HTTP {resp.status_code}"
+                    retry_after = resp.headers.get("retry-after") if resp.status_code == 429 else None
                     self.metrics.inc("backend_errors_total", backend=b.model, reason=str(resp.status_code))
                     continue
+                kind = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                if stream and resp.status_code < 400 and kind and kind != "text/event-stream":
+                    await resp.aclose()  # e.g. an HTML page from a proxy or a login wall: not a stream
+                    last, retry_after = f"{b.model}: answered a stream with {kind}, not text/event-stream", None
+                    self.metrics.inc("backend_errors_total", backend=b.model, reason="not_sse")
+                    continue
                 return b, resp
-        raise BackendError(f"every backend failed; last error: {last}")
+        raise BackendError(
+            f"every backend failed; last error: {last}", rate_limited=last.endswith("HTTP 429"), retry_after=retry_after
+        )
 
     async def complete(self, body: dict) -> tuple[int, bytes, dict[str, str]]:
         """Non-streaming: (status, the backend's JSON body as bytes, extra headers)."""
         text = query_text(body["messages"])
-        model, how = self.resolve(body["model"], text)
+        model, how = await self.resolve_async(body["model"], text)
         b, resp = await self._attempts(body, model, stream=False)
         try:
             raw = resp.content
@@ -276,10 +398,13 @@ class RouterService:
     async def stream(self, body: dict):
         """Streaming: (status, async iterator of raw bytes, extra headers, content type).
 
-        Failures before the first byte fall back to other backends; after it, the stream simply ends.
+        Failures before the first byte fall back to other backends. A backend that breaks off the stream
+        after it (connection lost, read timeout) ends it with `data: {"error": {...}}`; the request then
+        counts as failed in /metrics.
         """
+        httpx = require("httpx")
         text = query_text(body["messages"])
-        model, how = self.resolve(body["model"], text)
+        model, how = await self.resolve_async(body["model"], text)
         b, resp = await self._attempts(body, model, stream=True)
         self.metrics.inc("requests_total", model=b.model, status=str(resp.status_code))
 
@@ -293,6 +418,14 @@ class RouterService:
                     for line in lines:
                         u, n = _parse_sse(line)
                         usage, chars = u or usage, chars + n
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                reason = type(exc).__name__
+                log.warning("backend %s broke off a stream: %s", b.model, reason)
+                self.metrics.inc("backend_errors_total", backend=b.model, reason=f"stream_{reason}")
+                self.metrics.inc("failed_requests_total")
+                err = {"message": f"{b.model}: the backend broke off the stream ({reason})", "type": "backend_error"}
+                event = json.dumps({"error": {**err, "param": None, "code": 502}}).encode()
+                yield (b"\n\n" if buf else b"") + b"data: " + event + b"\n\n"
             finally:
                 await resp.aclose()
                 if resp.status_code < 400:
@@ -320,14 +453,55 @@ def _parse_sse(line: bytes) -> tuple[dict | None, int]:
     return ev.get("usage") if isinstance(ev.get("usage"), dict) else None, n
 
 
-def create_app(config: RoutesConfig, routers: dict[str, ServedRouter] | None = None):
-    """The FastAPI app serving `config` (routers loaded from their folders unless given)."""
+def load_client_keys(env_name: str | None) -> list[str]:
+    """The clients' bearer keys from environment variable `env_name` (comma-separated); [] when None.
+
+    A named variable that is unset or holds no key is an error: starting open by mistake is worse than not starting.
+    """
+    if env_name is None:
+        return []
+    value = os.environ.get(env_name)
+    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
+    if not keys:
+        found = "is not set" if value is None else "holds no key"
+        raise ValueError(f"client keys: environment variable {env_name} {found}; expected comma-separated keys")
+    return keys
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """True when `given` equals one of `keys`; every key is compared, each in constant time (hmac.compare_digest)."""
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def create_app(
+    config: RoutesConfig, routers: dict[str, ServedRouter] | None = None, *, api_keys_env: str | None = None
+):
+    """The FastAPI app serving `config` (routers loaded from their folders unless given).
+
+    `api_keys_env` (default `config.server.api_keys_env`) names the environment variable holding the clients'
+    keys; with keys, /v1/chat/completions, /v1/models and /metrics need `Authorization: Bearer <key>`.
+    """
     require("fastapi")
     from contextlib import asynccontextmanager
 
+    from anyio import to_thread
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+    client_keys = load_client_keys(api_keys_env or config.server.api_keys_env)
     service = RouterService(config, routers)
 
     @asynccontextmanager
@@ -340,28 +514,50 @@ def create_app(config: RoutesConfig, routers: dict[str, ServedRouter] | None = N
 
     app = FastAPI(title="moekit router", lifespan=lifespan)
     app.state.service = service
+    app.state.auth = bool(client_keys)
 
-    def error(status: int, message: str, kind: str) -> JSONResponse:
+    def error(
+        status: int, message: str, kind: str, *, code: str | int | None = None, headers: dict | None = None
+    ) -> JSONResponse:
         service.metrics.inc("client_errors_total", status=str(status))
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": status if code is None else code}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def denied(request: Request) -> JSONResponse | None:
+        """A 401 unless the request carries one of the client keys (None when keys are not required)."""
+        if not client_keys:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and given and key_matches(given.strip(), client_keys):
+            return None
+        what = "wrong API key" if given else "no API key (expected the header Authorization: Bearer <key>)"
+        return error(
+            401, f"{what}", "invalid_request_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+        )
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "routers": list(service.routers), "backends": [b.model for b in config.backends]}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if (deny := denied(request)) is not None:
+            return deny
         return {
             "object": "list",
             "data": [{"id": m, "object": "model", "owned_by": "moekit"} for m in service.model_ids()],
         }
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if (deny := denied(request)) is not None:
+            return deny
         return PlainTextResponse(service.metrics.render())
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        if (deny := denied(request)) is not None:
+            return deny
         limit = config.server.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -372,11 +568,10 @@ def create_app(config: RoutesConfig, routers: dict[str, ServedRouter] | None = N
             if len(raw) > limit:
                 return error(413, f"request body: expected at most {limit} bytes", "request_too_large")
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return error(400, "request body: expected JSON", "invalid_request_error")
-        try:
-            body = validate_chat_body(body, config.server.max_messages)
+            if len(raw) <= INLINE_BYTES:  # microseconds: not worth a hand-off to a thread
+                body = parse_body(bytes(raw), config.server.max_messages)
+            else:
+                body = await to_thread.run_sync(parse_body, bytes(raw), config.server.max_messages)
             if body.get("stream"):
                 status, chunks, headers, media_type = await service.stream(body)
                 return StreamingResponse(chunks, status_code=status, headers=headers, media_type=media_type)
@@ -386,18 +581,34 @@ def create_app(config: RoutesConfig, routers: dict[str, ServedRouter] | None = N
             return error(exc.status, exc.message, exc.kind)
         except BackendError as exc:
             service.metrics.inc("failed_requests_total")
+            if exc.rate_limited:  # the backends are rate limiting: tell the client when to come back
+                headers = {"retry-after": exc.retry_after} if exc.retry_after else None
+                return error(429, str(exc), "rate_limit_error", code="rate_limit_exceeded", headers=headers)
             return error(502, str(exc), "backend_error")
+        except Exception:  # a bug of ours, never the client's input: an OpenAI-style 500, the connection stays up
+            log.exception("internal error while serving a chat completion")
+            service.metrics.inc("failed_requests_total")
+            return error(500, "internal error in the router server (see its log)", "server_error")
 
     return app
 
 
-def run_server(config: RoutesConfig, *, host: str | None = None, port: int | None = None) -> None:
-    """Serve `config` with uvicorn until interrupted."""
+def run_server(
+    config: RoutesConfig, *, host: str | None = None, port: int | None = None, api_keys_env: str | None = None
+) -> None:
+    """Serve `config` with uvicorn until interrupted; warns when a non-loopback address is served without keys."""
     uvicorn = require("uvicorn")
-    app = create_app(config)
+    app = create_app(config, api_keys_env=api_keys_env)
+    host = host or config.server.host
+    if not app.state.auth and not is_loopback(host):
+        log.warning(
+            "serving on %s without client keys: anyone who reaches this address can spend your backends' credits; "
+            "set --api-keys-env NAME (an environment variable holding comma-separated keys)",
+            host,
+        )
     uvicorn.run(
         app,
-        host=host or config.server.host,
+        host=host,
         port=port if port is not None else config.server.port,
         log_level="info",
         access_log=False,

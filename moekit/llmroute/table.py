@@ -163,12 +163,18 @@ def split_rows(table: RoutingTable, config: SplitConfig) -> Split:
         )
     cats = sorted(set(table.categories))
     if len(cats) < 2:
-        raise ValueError(f"split by category: expected at least 2 categories, found {len(cats)}")
+        raise ValueError(
+            f"split by category: the table has a single category {cats}, and holding out whole categories "
+            "needs at least 2 (one to train on, one to test); split by query instead (--split query)"
+        )
     perm = [cats[i] for i in rng.permutation(len(cats))]
     n_test = max(1, int(round(config.test_size * len(cats)))) if config.test_size > 0 else 0
     n_val = max(1, int(round(config.val_size * len(cats)))) if config.val_size > 0 else 0
     if n_test + n_val >= len(cats):
-        raise ValueError(f"split by category: {len(cats)} categories leave none for training")
+        raise ValueError(
+            f"split by category: {len(cats)} categories, {n_test} held out for test and {n_val} for validation, "
+            "leave none for training; lower --test-size / --val-size or split by query"
+        )
     test_c, val_c = set(perm[:n_test]), set(perm[n_test : n_test + n_val])
     labels = np.asarray(table.categories)
     test = np.flatnonzero(np.isin(labels, list(test_c)))

@@ -94,8 +94,9 @@ def test_load_routellm_csvs(tmp_path):
     np.testing.assert_array_equal(t.quality, [[1, 0], [0, 1], [1, 1]])
     # "1+1?" is 4 chars -> 1 token in; 10 tokens out
     assert t.cost[1, 1] == pytest.approx((1 * 10 + 10 * 20) / 1e6)
-    write_csv(tmp_path / "bad.csv", ["prompt", "a", "b"], [["q", "maybe", "True"]])
-    with pytest.raises(ValueError, match=r"bad.csv row 2 column 'a': expected True/False"):
+    rows = [["q", "True", "True"], ["r", "maybe", "True"], ["s", "False", "True"]]
+    write_csv(tmp_path / "bad.csv", ["prompt", "a", "b"], rows)
+    with pytest.raises(ValueError, match=r"bad.csv row 3 column 'a': expected True/False or a number, found 'maybe'"):
         load_routellm(tmp_path / "bad.csv", prices=PRICES)
     write_csv(tmp_path / "other.csv", ["prompt", "a", "c"], [["q", "True", "True"]])
     with pytest.raises(ValueError, match="expected model columns"):
@@ -187,3 +188,56 @@ def test_validation_share_does_not_change_the_test_part():
     a = split_rows(t, SplitConfig(by="query", test_size=0.3, val_size=0.0, seed=1))
     b = split_rows(t, SplitConfig(by="query", test_size=0.3, val_size=0.2, seed=1))
     assert a.test.tolist() == b.test.tolist()
+
+
+def _write_csv(path, header, rows):
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_routellm_response_files_take_models_by_type_and_answer_lengths_for_cost(tmp_path):
+    # RouteLLM's GSM8K file: correctness columns, then each model's answer as <model>_response
+    long_answer = "Janet starts with 16 eggs. " * 40  # 1080 characters -> 270 tokens
+    _write_csv(
+        tmp_path / "gsm8k.csv",
+        ["prompt", "a", "b", "a_response", "b_response"],
+        [["q one?", "True", "False", long_answer, "8"], ["q two!", "False", "True", "", "x" * 10]],
+    )
+    t = load_routellm(tmp_path / "gsm8k.csv", prices=PRICES, output_tokens=16)
+    assert t.models == ["a", "b"] and t.categories == ["gsm8k", "gsm8k"]
+    np.testing.assert_array_equal(t.quality, [[1, 0], [0, 1]])
+    # prompt 6 chars -> 2 tokens; answers: 270 and 1 tokens (row 1), empty -> 16 and 3 tokens (row 2)
+    np.testing.assert_allclose(
+        t.cost, np.array([[2 * 1 + 270 * 2, 2 * 10 + 1 * 20], [2 * 1 + 16 * 2, 2 * 10 + 3 * 20]]) / 1e6
+    )
+    # a token-count column wins over the text
+    _write_csv(
+        tmp_path / "counted.csv",
+        ["prompt", "a", "b", "a_response", "a_output_tokens", "id", "label"],
+        [["q", "1", "0.5", "long text " * 50, "7", "1041", "yes"]],
+    )
+    t = load_routellm(tmp_path / "counted.csv", prices=PRICES, output_tokens=16)
+    assert t.models == ["a", "b"]  # "id" (1041) and "label" (text) are no models
+    np.testing.assert_allclose(t.cost[0], [(1 * 1 + 7 * 2) / 1e6, (1 * 10 + 16 * 20) / 1e6])
+
+
+def test_routellm_models_option_selects_before_checking_and_errors_stay_short(tmp_path):
+    answer = "The answer is " + "very " * 2000 + "long."
+    _write_csv(
+        tmp_path / "m.csv",
+        ["prompt", "a", "b", "c"],
+        [["q1", "True", "False", answer], ["q2", "False", "True", "True"]],
+    )
+    # "c" is a text column (not a model) unless chosen; chosen, its bad cell is named, cut short
+    assert load_routellm(tmp_path / "m.csv", prices=PRICES).models == ["a", "b"]
+    assert load_routellm(tmp_path / "m.csv", prices=PRICES, models=["b", "a"]).models == ["b", "a"]
+    with pytest.raises(ValueError, match="row 2 column 'c'") as e:
+        load_routellm(tmp_path / "m.csv", prices=PriceTable.from_dict({"c": {"input": 1, "output": 1}}), models=["c"])
+    assert len(str(e.value)) < 300 and "characters)" in str(e.value)
+    with pytest.raises(ValueError, match=r"no column for models \['zz'\]; correctness columns here: \['a', 'b'\]"):
+        load_routellm(tmp_path / "m.csv", prices=PRICES, models=["zz"])
+    _write_csv(tmp_path / "text.csv", ["prompt", "answer"], [["q", "some words"]])
+    with pytest.raises(ValueError, match="found none among"):
+        load_routellm(tmp_path / "text.csv", prices=PRICES)

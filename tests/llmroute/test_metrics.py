@@ -41,12 +41,16 @@ def test_pgr_curve_hand_computed(curve):
 def test_apgr_cpt_cost_cut_hand_computed(curve):
     # trapezoids: .25 * (0.5 + 1.5 + 2 + 1.5) = 1.375
     assert apgr(curve) == pytest.approx(1.375)
-    assert cpt(curve, 0.5) == pytest.approx(0.25)
-    assert cpt(curve, 1.5) == pytest.approx(0.5)
+    # CPT on the curve linear between points: PGR 0 -> 1 over shares 0 -> .25 reaches .5 at .125
+    assert cpt(curve, 0.5) == pytest.approx(0.125)
+    assert cpt(curve, 1.5) == pytest.approx(0.375)  # 1 -> 2 over .25 -> .5
+    assert cpt(curve, 1.0) == pytest.approx(0.25)
     assert np.isnan(cpt(curve, 3.0))
     # target .95 * .75 = .7125: the first point reaching it costs 3.25 of 10
     assert cost_cut(curve.cost, curve.quality, 0.95 * curve.q_strong, curve.c_strong) == pytest.approx(0.675)
     assert np.isnan(cost_cut(curve.cost, curve.quality, 2.0, 10.0))
+    # along the curve: quality .5 -> .75 (cost 1 -> 3.25) reaches .7125 at .85 of the way: cost 2.9125
+    assert cost_cut(curve.cost, curve.quality, 0.7125, 10.0, path=True) == pytest.approx(1 - 2.9125 / 10)
 
 
 def test_random_scores_give_pgr_close_to_share():
@@ -57,11 +61,30 @@ def test_random_scores_give_pgr_close_to_share():
     assert apgr(c) == pytest.approx(0.5, abs=0.03)
 
 
-def test_constant_scores_break_ties_at_random_not_by_order():
+def test_constant_scores_move_as_one_group_not_by_order():
     # strong helps only on the first half: a tie broken by index would look like a perfect router
     qw = np.r_[np.zeros(1000), np.ones(1000)]
     qs = np.ones(2000)
-    assert apgr(pgr_curve(np.zeros(2000), qw, qs)) == pytest.approx(0.5, abs=0.05)
+    c = pgr_curve(np.zeros(2000), qw, qs)
+    np.testing.assert_allclose(c.share, [0, 1])
+    assert apgr(c) == pytest.approx(0.5) and cpt(c, 0.5) == pytest.approx(0.5)
+
+
+def test_tied_scores_move_together_hand_computed():
+    # scores .5, .5, .9, .1; gains q_s - q_w = +1, -1, +1, +1. Threshold sweep (RouteLLM: strong iff score >= t):
+    # t > .9: none; t = .9: {2}; t = .5: {2, 0, 1} at once; t = .1: all -> n = 0, 1, 3, 4 (no n = 2 point)
+    c = pgr_curve([0.5, 0.5, 0.9, 0.1], [0, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [3, 3, 3, 3])
+    np.testing.assert_allclose(c.share, [0, 0.25, 0.75, 1])
+    np.testing.assert_allclose(c.quality, [0.25, 0.5, 0.5, 0.75])  # q_w = .25 + cumulative gains / 4
+    np.testing.assert_allclose(c.pgr, [0, 0.5, 0.5, 1])  # (q - .25) / (.75 - .25)
+    np.testing.assert_allclose(c.cost, [1, 1.5, 2.5, 3])  # (4 + 2 n) / 4
+    assert apgr(c) == pytest.approx(0.25 * 0.25 + 0.5 * 0.5 + 0.25 * 0.75)  # trapezoids = 0.5
+    assert cpt(c, 0.75) == pytest.approx(0.875)  # .5 -> 1 between shares .75 and 1
+    # the same scores in any order give the same curve (the tie is never broken by position)
+    c2 = pgr_curve([0.5, 0.5, 0.9, 0.1][::-1], [0, 1, 0, 0][::-1], [1, 0, 1, 1][::-1])
+    np.testing.assert_allclose(c2.pgr, c.pgr)
+    with pytest.raises(ValueError, match="finite scores"):
+        pgr_curve([np.nan, 1.0], [0, 1], [1, 1])
 
 
 POINTS_C = np.array([1.0, 2.0, 3.0, 4.0, 5.0])

@@ -24,3 +24,9 @@ def test_threshold_router_beats_random_on_mmlu(mmlu_path):
     )
     assert rand.apgr == pytest.approx(0.5, abs=0.05)
     assert ev.apgr > 0.6 and ev.cpt50 < 0.35  # recorded: APGR 0.66, CPT(50%) 0.27 at 256 dimensions
+
+
+def test_mmlu_files_give_exactly_the_two_models(mmlu_path):
+    table = load_routellm(mmlu_path)
+    assert table.models == ["mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"] and len(table) == 14042
+    assert table.quality.mean(axis=0) == pytest.approx([0.681, 0.806], abs=1e-3)  # as the data's README says

@@ -247,3 +247,52 @@ def test_ensemble_averages_its_members(synthetic):
     np.testing.assert_allclose(got.cost, 0.75 * knn.cost + 0.25 * best.cost, rtol=1e-6)
     with pytest.raises(ValueError, match="does not predict"):
         create("ensemble", members=[{"name": "oracle"}])
+
+
+def test_randomised_baselines_average_draws(synthetic):
+    from moekit.llmroute.evaluate import mean_evaluation
+
+    train, test, _, x_train, x_test = synthetic
+    draws = [evaluate(create("random", seed=s).fit(train, x_train), x_test, test) for s in range(10)]
+    ev = mean_evaluation(draws, "random")
+    apgrs = [d.apgr for d in draws]
+    assert len(set(apgrs)) > 1  # the draws differ
+    assert ev.apgr == pytest.approx(np.mean(apgrs)) and ev.spread["apgr"] == pytest.approx(np.std(apgrs))
+    assert ev.cost_cut == pytest.approx(np.nanmean([d.cost_cut for d in draws]))
+    np.testing.assert_allclose(ev.curve.pgr, np.mean([d.curve.pgr for d in draws], axis=0))
+    row = ev.row()
+    assert row["draws"] == 10 and row["apgr_std"] == pytest.approx(np.std(apgrs)) and "cpt50_std" in row
+
+
+def _one_category(table):
+    from moekit.llmroute.table import RoutingTable
+
+    return RoutingTable(table.queries, table.models, table.quality, table.cost, ["gsm8k"] * len(table))
+
+
+def test_single_category_tables_say_why_category_routing_cannot_run(synthetic, tmp_path):
+    from moekit.llmroute.table import SplitConfig, split_rows
+
+    train, test, emb, x_train, x_test = synthetic
+    one = _one_category(train)
+    with pytest.raises(ValueError, match=r"single category \['gsm8k'\].*needs at least 2") as e:
+        create("category").fit(one, x_train)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"single category \['gsm8k'\].*--split query") as e:
+        split_rows(one, SplitConfig(by="category"))
+    assert "\n" not in str(e.value)
+    # the ensemble leaves the category member out, warns naming it, and routes with the others
+    members = [{"name": "category"}, {"name": "knn", "args": {"k": 5}}, {"name": "carrot"}]
+    with pytest.warns(UserWarning, match=r"left out members that cannot train: category \(member 0\)"):
+        ens = create("ensemble", members=members, weights=[2.0, 1.0, 3.0]).fit(one, x_train, embedder=emb)
+    assert ens.kept == [1, 2] and [m.name for m in ens.members] == ["knn", "carrot"]
+    np.testing.assert_allclose(ens.weights, [0.25, 0.75])
+    knn, carrot = ens.members
+    want = 0.25 * knn.predict(x_test).quality + 0.75 * carrot.predict(x_test).quality
+    np.testing.assert_allclose(ens.predict(x_test).quality, want)
+    ens.save(tmp_path / "ens")
+    back = load_router(tmp_path / "ens")
+    assert back.kept == [1, 2]
+    np.testing.assert_array_equal(back.route(x_test, 0.1), ens.route(x_test, 0.1))
+    with pytest.raises(ValueError, match="no member can train on this table: category"):
+        create("ensemble", members=[{"name": "category"}]).fit(one, x_train)

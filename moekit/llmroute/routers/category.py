@@ -29,7 +29,11 @@ class CategoryRouter(Router):
 
         cats = sorted(set(table.categories))
         if len(cats) < 2:
-            raise ValueError(f"category: expected at least 2 categories in the training table, found {cats}")
+            raise ValueError(
+                f"category router: the training table has a single category {cats}, and this router learns "
+                "to tell categories apart, so it needs at least 2 (RouteLLM files take the category from the "
+                "file name, RouterBench from eval_name, SPROUT from dataset); choose another router"
+            )
         index = {c: i for i, c in enumerate(cats)}
         y = np.asarray([index[c] for c in table.categories])
         clf = LogisticRegression(C=float(self.args.get("c", 1.0)), max_iter=int(self.args.get("max_iter", 300)))

@@ -2,9 +2,13 @@
 
 Members are given by name and arguments, fitted on the same data, and saved inside the ensemble's folder.
 E.g. `members=[{"name": "category"}, {"name": "carrot"}]` joins a per-category prior with per-query probes.
+A member that cannot train on the table (the category router on a single-category table) is left out with
+a warning naming it, and the others' weights are renormalised; when none can train, fitting fails.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -32,11 +36,31 @@ class EnsembleRouter(Router):
                 f"ensemble: weights expected {len(members)} numbers >= 0 with a positive sum, found {weights}"
             )
         self.weights = np.asarray(weights, float) / float(sum(weights))
-        self.members = [create(m["name"], **m.get("args", {})) for m in members]
+        self.given = [create(m["name"], **m.get("args", {})) for m in members]  # every member, as given
+        self.members = list(self.given)  # the members in use (those that could train)
+        self.kept = list(range(len(self.given)))  # their indices in `given`
 
     def _fit(self, table, x, *, embedder=None):
-        for m in self.members:
-            m.fit(table, x, embedder=embedder)
+        kept, reasons = [], []
+        for i, m in enumerate(self.given):
+            try:
+                m.fit(table, x, embedder=embedder)
+            except ValueError as exc:  # this member cannot learn from this table
+                reasons.append(f"{m.name} (member {i}): {exc}")
+                continue
+            kept.append(i)
+        if not kept:
+            raise ValueError("ensemble: no member can train on this table: " + "; ".join(reasons))
+        if reasons:
+            warnings.warn("ensemble: left out members that cannot train: " + "; ".join(reasons), stacklevel=2)
+        self._keep(kept)
+
+    def _keep(self, kept: list[int]) -> None:
+        """Use only the members at indices `kept` of `given`, their weights renormalised."""
+        w = np.asarray(self.args.get("weights", [1.0] * len(self.given)), float)[kept]
+        if w.sum() <= 0:
+            raise ValueError(f"ensemble: the members that could train ({kept}) all have weight 0")
+        self.kept, self.members, self.weights = list(kept), [self.given[i] for i in kept], w / w.sum()
 
     def predict(self, x, table=None):
         self._check_fitted()
@@ -50,6 +74,7 @@ class EnsembleRouter(Router):
 
     def meta(self):
         return {
+            "kept": self.kept,
             "members": [
                 {
                     "models": m.models,
@@ -60,10 +85,12 @@ class EnsembleRouter(Router):
                     "meta": m.meta(),
                 }
                 for m in self.members
-            ]
+            ],
         }
 
     def load_state(self, arrays, meta):
+        if "kept" in meta:
+            self._keep(meta["kept"])
         for i, (m, info) in enumerate(zip(self.members, meta["members"], strict=True)):
             m.models, m.cost_scale, m.dim = info["models"], info["cost_scale"], info["dim"]
             m.strong, m.weak = info["strong"], info["weak"]
