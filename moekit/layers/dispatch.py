@@ -131,16 +131,26 @@ def _weighted(y: Tensor, w: Tensor) -> Tensor:
     return (y * w.unsqueeze(-1)).to(y.dtype)
 
 
+# dtypes in which CPU index_add adds rows one by one in index order in the dtype itself (16-bit types may
+# accumulate wider, then round once; CUDA's index_add uses atomics, in no fixed order)
+_EXACT_INDEX_ADD = (torch.float32, torch.float64)
+
+
 def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
     """Weighted sum of sorted expert outputs ys [N, D] back to tokens -> [T, D].
 
     Each token's slots are added one at a time in increasing expert order, rounding after each
     add: the order and rounding of `eager` (one index_add per expert), so 16-bit results do not
-    depend on the backend. (One index_add over repeated indices may accumulate in a wider type.)
+    depend on the backend. In 16-bit dtypes one index_add over repeated indices may accumulate in a
+    wider type, and on CUDA index_add adds in no fixed order, so those take an explicit per-rank sum;
+    float32/64 on CPU take the single index_add (the rows are sorted by expert, so a token's slots are
+    added in the same order and rounding, at about half the cost).
     """
     k, D = weights.shape[1], ys.shape[1]
     N = ys.shape[0]
     contrib = _weighted(ys, weights.reshape(-1)[p.order])  # [N, D]
+    if ys.dtype in _EXACT_INDEX_ADD and ys.device.type == "cpu":  # adds a token's rows in order, rounding each
+        return ys.new_zeros(T, D).index_add(0, p.token, contrib)
     if N < T * k:  # empty slots read a zero row
         contrib = torch.cat([contrib, contrib.new_zeros(1, D)])
     # rank of every slot within its token's row by expert id (-1 slots first); distinct within a row
