@@ -10,7 +10,7 @@ from moekit.models import LMConfig
 from moekit.train.checkpoint import has_checkpoint, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.evaluate import validation_windows as val_windows  # the one definition of validation
-from moekit.train.trainer import TrainResult, train
+from moekit.train.trainer import TrainResult, _diff, train
 
 
 def check_fits(model_cfg: LMConfig, train_cfg: TrainConfig, data: PreparedData) -> None:
@@ -22,6 +22,16 @@ def check_fits(model_cfg: LMConfig, train_cfg: TrainConfig, data: PreparedData) 
         )
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"train seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+
+
+def _normalised(old: dict) -> dict:
+    """A checkpoint's data config as DataConfig stores it today (relative paths of runs made before paths
+    were stored absolute resolve from the working directory, as they did then); as written if it no
+    longer builds (a field since removed, a tokenizer file gone), so the comparison names the difference."""
+    try:
+        return dataclasses.asdict(DataConfig(**old))
+    except (TypeError, ValueError, OSError):
+        return old
 
 
 def run_training(
@@ -44,8 +54,10 @@ def run_training(
     run_dir = Path(run_dir)
     if resume and has_checkpoint(run_dir):
         old = read_meta(run_dir).get("data")
-        if old is not None and old != dataclasses.asdict(data_cfg):
-            raise ValueError("cannot resume: the data config differs from the checkpoint's")
+        new = dataclasses.asdict(data_cfg)
+        if old is not None and (old := _normalised(old)) != new:
+            differences = "; ".join(_diff(old, new))
+            raise ValueError(f"cannot resume: the data config differs from the checkpoint's: {differences}")
     return train(
         model_cfg,
         train_cfg,

@@ -55,6 +55,14 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     ev = json.loads(ok("eval", work / "run", "--json"))
     assert set(ev["loss_per_label"]) == {"poems", "recipes"}
+    # a run made before paths were stored absolute (relative spec in its config) still resumes from its folder
+    cfg_path = work / "run" / "checkpoint" / "config.json"
+    meta["data"]["spec"] = ["texts"]
+    cfg_path.write_text(json.dumps(meta))
+    monkeypatch.chdir(work)
+    out = ok("train", "--preset", "micro-moe", "--out", "run", "--data", "texts", "--steps", "3", "--seq-len", "16",
+             "--vocab-size", "300", "--set", "eval_windows=2", "--no-progress", "--resume")
+    assert "finished at step 3" in out
 
 
 def test_eval_reproduces_trainings_final_validation_loss(tmp_path):
