@@ -31,9 +31,10 @@ from moekit.data import DataConfig, prepare_data
 from moekit.models import LMConfig, MoELM, count_params
 from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
-from moekit.train.report import _pyplot, read_jsonl
+from moekit.train.report import read_jsonl
 from moekit.train.run import val_windows
 from moekit.train.trainer import train
+from moekit.utils.deps import pyplot
 from moekit.utils.io import atomic_write_text
 
 
@@ -366,7 +367,7 @@ def _write_json(path: Path, obj: dict) -> Path:
 
 def plot_curves(runs: dict[str, Path], out: Path) -> Path:
     """Training loss (train.jsonl) and validation loss (eval.jsonl) against step, one line per router."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     cmap = plt.get_cmap("tab20")
     for i, (name, run) in enumerate(runs.items()):
@@ -389,7 +390,7 @@ def plot_curves(runs: dict[str, Path], out: Path) -> Path:
 
 def plot_loss_vs_flops(rows: list[dict], out: Path) -> Path:
     """Validation loss against measured active forward FLOPs per token, one point per router."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         ax.scatter(r["active_flops_per_token"] / 1e6, r["val_loss"])

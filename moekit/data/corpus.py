@@ -52,7 +52,8 @@ def builtin_corpus(
         domains: a subset of ("wiki", "bible", "code").
         balance: lower every domain's budget to the smallest domain's size, so domains weigh the same.
     Raises:
-        MissingDependency: a package that carries a domain's text is not installed (the message says what to install).
+        MissingDependency (moekit.utils.deps): a package that carries a domain's text is not installed (the
+            message says what to install).
     """
     unknown = [d for d in domains if d not in SOURCES]
     if unknown or not domains:

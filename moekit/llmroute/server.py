@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.llmroute.config import BackendConfig, RoutesConfig
-from moekit.llmroute.deps import require
 from moekit.llmroute.prices import estimate_tokens
+from moekit.utils.deps import require
 
 log = logging.getLogger("moekit.llmroute.server")
 

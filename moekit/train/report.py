@@ -7,16 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'moekit[data]' (or pip install matplotlib)") from e
-    return plt
+from moekit.utils.deps import pyplot
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -29,7 +20,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def plot_loss_curves(runs: dict[str, Path], out: Path) -> Path:
     """Validation loss (eval.jsonl) and training loss (train.jsonl) against step, one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, run in runs.items():
         tr = read_jsonl(run / "train.jsonl")
@@ -61,7 +52,7 @@ def domain_expert_shares(expert_counts: dict[str, list[list[int]]]) -> tuple[lis
 
 def plot_domain_expert_heatmap(expert_counts: dict[str, list[list[int]]], moe_layers: list[int], out: Path) -> Path:
     """One heat map per MoE layer: rows = domains, columns = experts, colour = share of the domain's tokens."""
-    plt = _pyplot()
+    plt = pyplot()
     labels, shares = domain_expert_shares(expert_counts)
     n = shares.shape[0]
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 0.5 * len(labels) + 1.6), squeeze=False)

@@ -22,7 +22,7 @@ class CategoryRouter(Router):
     pseudo-queries of shrinkage towards the overall means; max_iter (int, default 300)."""
 
     def _fit(self, table, x, *, embedder=None):
-        from moekit.llmroute.deps import require
+        from moekit.utils.deps import require
 
         require("sklearn")
         from sklearn.linear_model import LogisticRegression

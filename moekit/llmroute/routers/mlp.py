@@ -17,7 +17,7 @@ class MLPRouter(Router):
     """Args: hidden (int, default 128), l2 (float, default 1e-3), max_iter (int, default 200), seed (int, default 0)."""
 
     def _fit(self, table, x, *, embedder=None):
-        from moekit.llmroute.deps import require
+        from moekit.utils.deps import require
 
         require("sklearn")
         from sklearn.neural_network import MLPRegressor
