@@ -18,25 +18,35 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(runs: dict[str, Path], out: Path) -> Path:
-    """Validation loss (eval.jsonl) and training loss (train.jsonl) against step, one line per run."""
+def plot_loss_curves(runs: dict[str, Path], out: Path, *, many: bool = False) -> Path:
+    """Training loss (train.jsonl) and validation loss (eval.jsonl) against step, one line per run.
+
+    many=True (the router leaderboard's dozens of runs): a wider figure, tab20 colours (dashed after the 20th
+    run), small markers and one legend right of the plots; else default colours and a legend on each plot."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, run in runs.items():
-        tr = read_jsonl(run / "train.jsonl")
-        ev = read_jsonl(run / "eval.jsonl")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8) if many else (10, 3.6))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, run) in enumerate(runs.items()):
+        style: dict = dict(color=cmap(i % 20), linestyle="-" if i < 20 else "--") if many else {}
+        tr, ev = read_jsonl(run / "train.jsonl"), read_jsonl(run / "eval.jsonl")
         if tr:
-            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name, alpha=0.8)
+            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name, alpha=0.8, **style)
         if ev:
-            axes[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], marker="o", label=name)
+            marks = dict(marker="o", markersize=3) if many else dict(marker="o")
+            axes[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], label=name, **marks, **style)
     for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+        if not many:
+            ax.legend()
+    if many:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), ncol=1 + len(runs) // 16)
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 

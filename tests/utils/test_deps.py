@@ -48,7 +48,7 @@ def test_too_old_a_major_version_names_the_upgrade(monkeypatch):
 
 def test_transformers_is_checked_through_the_table(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(__version__="4.46.0"))
-    with pytest.raises(MissingDependency, match=r"transformers >= 5; found 4.46.0: run `pip install -U 'transformers>=5'`"):
+    with pytest.raises(MissingDependency, match=r"needs transformers >= 5; found 4.46.0: run `pip install -U"):
         require("transformers")
 
 
