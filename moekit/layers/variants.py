@@ -6,6 +6,8 @@ small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `au
 (Hecto GRU + FFN experts). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
 keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant with `sequence_aware = True`
 ("hecto") also takes `seq_len`, `cache` and `layer` keywords, which `MoE` passes (see `MoE.forward`).
+Every variant declares `flops_per_token(load [E], tokens) -> float`, its routed experts' forward FLOPs per
+token given the token-slots each expert processed (what `moekit.bench` counts as active expert compute).
 """
 
 from __future__ import annotations
