@@ -12,7 +12,7 @@ DEFAULT_MAX_CHARS_PER_DOMAIN = 2_000_000
 # A document cut to fit a domain's budget keeps at least this many characters, or is left out.
 _MIN_PIECE = 200
 
-__all__ = ["BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "Document", "builtin_corpus", "cap_documents"]
+__all__ = ["BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "builtin_corpus", "cap_documents"]
 
 
 def cap_documents(docs: list[Document], max_chars: int, seed: int | str) -> list[Document]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.layers.activations import get_activation
-from moekit.layers.dispatch import autocast_dtype, get_backend, list_backends
+from moekit.layers.dispatch import autocast_dtype, get_backend
 from moekit.routing.routing import Routing
 from moekit.utils.checks import check_positive_ints
 
@@ -118,4 +118,4 @@ class Experts(nn.Module):
         return float(per * load.sum() / tokens)
 
 
-__all__ = ["Experts", "check_input_dtype", "list_backends"]
+__all__ = ["Experts", "check_input_dtype"]
