@@ -11,6 +11,7 @@ from moekit.layers.smear import SmearExperts
 from moekit.layers.variants import build_experts
 from moekit.models import LMConfig, MoELM
 from moekit.routing import Routing, build_router
+from tests.helpers import tiny_lm
 
 D, E, F = 16, 4, 8
 
@@ -108,9 +109,8 @@ def test_autonomy_equals_experts_with_factorised_gate():
     ],
 )
 def test_lm_builds_and_trains_with_each_variant(experts, router, router_args, experts_args, E_):
-    cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, num_experts=E_,
-                   expert_hidden=16, router=router, router_args=router_args, experts=experts,
-                   experts_args=experts_args)
+    cfg = tiny_lm(max_seq_len=16, num_experts=E_, expert_hidden=16, router=router, router_args=router_args,
+                  experts=experts, experts_args=experts_args)
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     model = MoELM(cfg)
     assert type(model.layers[0].mlp.experts).__name__ == type(build_experts(experts, num_experts=E_, dim=32,
