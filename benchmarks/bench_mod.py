@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, interleaved_medians, write_json  # noqa: E402
 
-from moekit.bench.routers import BUDGETS, run_leaderboard  # noqa: E402
+from moekit.bench import BUDGETS, run_leaderboard  # noqa: E402
 from moekit.data import DataConfig, prepare_data  # noqa: E402
 from moekit.train.checkpoint import load_model  # noqa: E402
 from moekit.train.run import val_windows  # noqa: E402

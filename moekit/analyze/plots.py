@@ -6,20 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.analyze.deps import require
-
-
-def _plt():
-    mpl = require("matplotlib")
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from moekit.utils.deps import pyplot
 
 
 def load_heatmap(load: dict, out: Path) -> Path:
     """Layer x expert heat map of each expert's share of the layer's token-slots."""
-    plt = _plt()
+    plt = pyplot()
     layers = sorted(load)
     M = np.array([np.array(load[l]["counts"], dtype=float) / max(sum(load[l]["counts"]), 1) for l in layers])
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * M.shape[1] + 2), 0.35 * len(layers) + 1.8))
@@ -36,7 +28,7 @@ def load_heatmap(load: dict, out: Path) -> Path:
 
 def label_heatmaps(spec: dict, out: Path) -> Path:
     """Per layer: label x expert share P(expert | label)."""
-    plt = _plt()
+    plt = pyplot()
     layers = sorted(spec["layers"])
     labels = spec["labels"]
     n = len(layers)
@@ -55,7 +47,7 @@ def label_heatmaps(spec: dict, out: Path) -> Path:
 
 def affinity_heatmaps(aff: dict, out: Path, max_pairs: int = 4) -> Path:
     """P(expert at the next layer | expert at this layer) for the first few layer pairs."""
-    plt = _plt()
+    plt = pyplot()
     pairs = list(aff)[:max_pairs]
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(3.4 * max(len(pairs), 1) + 1, 3.4), squeeze=False)
     for ax, p in zip(axes[0], pairs, strict=False):
@@ -73,7 +65,7 @@ def affinity_heatmaps(aff: dict, out: Path, max_pairs: int = 4) -> Path:
 
 def locality_curves(loc: dict, out: Path) -> Path:
     """SRP against segment length, and SCH against segment length for each cache size (layer average)."""
-    plt = _plt()
+    plt = pyplot()
     layers = sorted(loc)
     Ls = sorted(loc[layers[0]]["srp"])
     ms = sorted(loc[layers[0]]["sch"][Ls[0]])

@@ -125,9 +125,9 @@ def analyze_run(
 def _load_hf(path: Path):
     """A local transformers checkpoint, patched, and its tokenizer (never remote code)."""
     from moekit.hf import patch
-    from moekit.hf.deps import require_transformers
+    from moekit.utils.deps import require
 
-    tf = require_transformers()
+    tf = require("transformers")
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.analyze.deps import require
+from moekit.utils.deps import require
 
 
 @dataclass

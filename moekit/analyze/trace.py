@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moekit.analyze.deps import require
 from moekit.layers.dispatch import _first_matrix, plan
 from moekit.layers.fused_mlp import fused_expert_mlp
 from moekit.layers.moe import MoE
 from moekit.routing.routing import Routing
+from moekit.utils.deps import require
 
 COLUMNS = ("layer", "seq", "pos", "token", "slot", "expert", "weight", "p_top1", "entropy", "out_absmax")
 

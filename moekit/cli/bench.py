@@ -29,7 +29,7 @@ def routers(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Train moekit's LM with each router at equal steps, seed and active FLOPs; write a leaderboard."""
-    from moekit.bench.routers import BUDGETS, ENTRIES, run_leaderboard
+    from moekit.bench import BUDGETS, ENTRIES, run_leaderboard
 
     if list_entries:
         for name, e in ENTRIES.items():

@@ -19,7 +19,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from moekit.layers.survey import survey_routers
+    from moekit.bench.survey import survey_routers
 
     if threads:
         torch.set_num_threads(threads)

@@ -34,7 +34,7 @@ def _parse_args(router_args: str | None, kv: list[str] | None) -> dict:
         if p.exists():
             text = p.read_text()
             if p.suffix in (".yaml", ".yml"):
-                from moekit.llmroute.deps import require
+                from moekit.utils.deps import require
 
                 args = require("yaml").safe_load(text) or {}
             else:

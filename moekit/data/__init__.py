@@ -11,7 +11,6 @@ The one call training needs:
 from moekit.data.cache import cache_root
 from moekit.data.corpus import BUILTIN_DOMAINS, builtin_corpus
 from moekit.data.dataset import TokenDataset
-from moekit.data.deps import MissingDependency
 from moekit.data.document import Document
 from moekit.data.files import load_documents
 from moekit.data.prepare import DataConfig, PreparedData, prepare_data
@@ -25,7 +24,6 @@ __all__ = [
     "DataConfig",
     "Document",
     "EOS_TOKEN",
-    "MissingDependency",
     "PreparedData",
     "TokenDataset",
     "TokenizerConfig",

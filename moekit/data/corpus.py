@@ -12,7 +12,7 @@ DEFAULT_MAX_CHARS_PER_DOMAIN = 2_000_000
 # A document cut to fit a domain's budget keeps at least this many characters, or is left out.
 _MIN_PIECE = 200
 
-__all__ = ["BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "Document", "builtin_corpus", "cap_documents"]
+__all__ = ["BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "builtin_corpus", "cap_documents"]
 
 
 def cap_documents(docs: list[Document], max_chars: int, seed: int | str) -> list[Document]:
@@ -52,7 +52,8 @@ def builtin_corpus(
         domains: a subset of ("wiki", "bible", "code").
         balance: lower every domain's budget to the smallest domain's size, so domains weigh the same.
     Raises:
-        MissingDependency: a package that carries a domain's text is not installed (the message says what to install).
+        MissingDependency (moekit.utils.deps): a package that carries a domain's text is not installed (the
+            message says what to install).
     """
     unknown = [d for d in domains if d not in SOURCES]
     if unknown or not domains:

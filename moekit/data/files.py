@@ -15,8 +15,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from moekit.data.deps import require
 from moekit.data.document import Document
+from moekit.utils.deps import require
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 

@@ -23,9 +23,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
-from moekit.data.deps import dist_version, package_dir
 from moekit.data.document import Document
 from moekit.data.wikitext import clean_wikitext
+from moekit.utils.deps import dist_version, package_dir
 
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 BIBLE_FILE = "data/kjv.jsonl"

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moekit.data.cache import write_text_atomic
-from moekit.data.deps import require
+from moekit.utils.deps import require
 
 EOS_TOKEN = "<|endoftext|>"
 _BYTE_ALPHABET = 256

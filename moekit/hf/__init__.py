@@ -2,7 +2,7 @@
 `aux_loss`), save them back (`save`), describe checkpoints without loading them (`describe`), and
 export moekit's own LM to a transformers family (`export_lm`). See docs/hf.md.
 
-transformers is imported only when one of these is called (moekit.hf.deps).
+transformers is imported only when one of these is called (moekit.utils.deps).
 """
 
 from moekit.hf.export import ExportError, export_lm, export_targets, hf_config_for, to_hf

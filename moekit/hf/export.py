@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from moekit.hf.deps import require_transformers
 from moekit.hf.families import ACTIVATIONS, LOSS_ARGS, get_family
+from moekit.utils.deps import require
 
 # moekit activation -> transformers `hidden_act` (the inverse of families.ACTIVATIONS).
 HIDDEN_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -106,7 +106,7 @@ class _Fields:
 def hf_config_for(lm_config: Any, family: str) -> Any:
     """The transformers config of `family` equivalent to a moekit `LMConfig`; raises `ExportError`
     listing every feature the family cannot express."""
-    transformers = require_transformers()
+    transformers = require("transformers")
     if family not in EXPORTS:
         raise ExportError(f"unknown export family {family!r}; known: {', '.join(export_targets())}")
     spec, cfg = EXPORTS[family], lm_config
@@ -197,7 +197,7 @@ def hf_state_dict(model: Any, family: str) -> dict[str, torch.Tensor]:
 
 def to_hf(model: Any, family: str) -> Any:
     """A transformers model of `family` holding a moekit `MoELM`'s weights (in eval mode)."""
-    require_transformers()
+    require("transformers")
     from transformers import AutoModelForCausalLM
 
     config = hf_config_for(model.config, family)

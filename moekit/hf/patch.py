@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.hf.deps import require_transformers
 from moekit.hf.families import LOSS_ARGS, Family, activation_name, expert_activation, family_for_block, family_names
 from moekit.layers import MLP, Experts, MoE
 from moekit.routing import Routing, build_router, router_config
+from moekit.utils.deps import require
 
 
 class PatchedMoE(nn.Module):
@@ -259,7 +259,7 @@ def patch(
     bad argument), the error is raised with the previous patch back in place. Nothing is replaced
     until every layer is built.
     """
-    require_transformers()
+    require("transformers")
     undo = _unpatch_undoably(model) if is_patched(model) else None
     try:
         family, blocks = _find_blocks(model)

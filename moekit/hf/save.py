@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from moekit.hf.deps import require_transformers
 from moekit.hf.patch import config_updates
+from moekit.utils.deps import require
 
 
 def save(model: nn.Module, directory: str | Path, **save_kwargs: Any) -> Path:
@@ -21,7 +21,7 @@ def save(model: nn.Module, directory: str | Path, **save_kwargs: Any) -> Path:
     Raises `NotExpressible` with the reason, writing nothing, when the family's transformers code
     cannot reproduce the patched routing (e.g. a swapped router).
     """
-    require_transformers()
+    require("transformers")
     updates = config_updates(model)  # raises before anything is written
     directory = Path(directory)
     model.save_pretrained(str(directory), **save_kwargs)

@@ -69,3 +69,11 @@ class AutonomyExperts(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden, "rank": self.rank,
                 "activation": self.activation}
+
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
+
+        Each slot is counted as a gated expert, 2 * 3 * D * F, as the leaderboard always has (the rank-r gate
+        makes a slot 2 * (2 D F + r F); the router's r x D projection of every token is router compute)."""
+        return float(2 * 3 * self.dim * self.hidden * load.sum() / tokens)

@@ -20,34 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.layers.fused_mlp import fused_expert_mlp
+from moekit.utils.registry import Registry
 
 Backend = Callable[[Tensor, Tensor, Tensor, "torch.nn.Module"], Tensor]
-_BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("dispatch backend")
 
 
 def register_backend(name: str) -> Callable[[Backend], Backend]:
-    """Register a dispatch backend under `name`."""
-
-    def deco(fn: Backend) -> Backend:
-        _BACKENDS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a dispatch backend under `name` (unique)."""
+    return BACKENDS.register(name)
 
 
 def list_backends() -> list[str]:
     """Names of the dispatch backends, `auto` included."""
-    return sorted([*_BACKENDS, "auto"])
+    return BACKENDS.list()
 
 
 def get_backend(name: str) -> Backend:
-    """The backend `name`; an unknown name lists the known ones."""
-    if name == "auto":
-        return _auto
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown dispatch backend {name!r}; known: {', '.join(list_backends())}") from None
+    """The backend `name`; an unknown name lists the known ones (`UnknownNameError`, a ValueError)."""
+    return BACKENDS.get(name)
 
 
 def _first_matrix(experts) -> Tensor:
@@ -245,3 +236,6 @@ def _auto(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
     if x.is_cuda and dtype in (torch.bfloat16, torch.float16) and grouped_mm_available(x.device, dtype):
         return grouped(x, expert_ids, weights, experts)
     return loop(x, expert_ids, weights, experts)
+
+
+register_backend("auto")(_auto)  # by device and dtype; not a backend of its own

@@ -82,3 +82,10 @@ class DuoExperts(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"num_experts": 2, "dim": self.dim, "hidden": self.hidden, "small_hidden": self.small_hidden,
                 "activation": self.activation}
+
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
+
+        A slot of the big expert costs 2 * 3 * D * F, one of the small expert 2 * 3 * D * F_small."""
+        return float(2 * 3 * self.dim * (self.hidden * load[0] + self.small_width * load[1]) / tokens)

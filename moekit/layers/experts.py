@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.layers.activations import get_activation
-from moekit.layers.dispatch import autocast_dtype, get_backend, list_backends
+from moekit.layers.dispatch import autocast_dtype, get_backend
 from moekit.routing.routing import Routing
 from moekit.utils.checks import check_positive_ints
 
@@ -109,5 +109,13 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
 
-__all__ = ["Experts", "check_input_dtype", "list_backends"]
+        Each token-slot costs one expert: 2 * 3 * D * F (gated) or 2 * 2 * D * F multiply-adds."""
+        per = 2 * (3 if self.gated else 2) * self.dim * self.hidden
+        return float(per * load.sum() / tokens)
+
+
+__all__ = ["Experts", "check_input_dtype"]

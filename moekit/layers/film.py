@@ -65,6 +65,14 @@ class FiLMExperts(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden, "activation": self.activation}
 
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
+
+        The shared gated FFN runs once per token whatever the slots: 2 * 3 * D * F (the per-expert scale and
+        shift, O(k F), are not counted)."""
+        return float(2 * 3 * self.dim * self.hidden)
+
 
 def check_experts_input(experts: nn.Module, x: Tensor, routing: Routing) -> None:
     """Raise unless x is [T, D] and routing covers T tokens over the experts' E."""

@@ -158,3 +158,12 @@ class HectoExperts(nn.Module):
             "activation": self.activation,
             "gru_hidden": self.gru_hidden,
         }
+
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
+
+        A slot of the FFN expert costs 2 * 3 * D * F; one of the GRU expert (hidden H) 2 * (3 (D H + H H) + H D):
+        three gates' input and recurrent matmuls, then the output projection."""
+        D, H = self.dim, self.gru_width
+        return float((2 * 3 * D * self.hidden * load[0] + 2 * (3 * (D * H + H * H) + H * D) * load[1]) / tokens)

@@ -83,6 +83,14 @@ class SmearExperts(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "dim": self.dim, "hidden": self.hidden, "activation": self.activation}
 
+    def flops_per_token(self, load: Tensor, tokens: int) -> float:
+        """Forward FLOPs per token of these routed experts, given `load [E]`: the token-slots each expert
+        processed over `tokens` tokens (what the leaderboard counts as active expert compute).
+
+        One merged gated expert per token whatever the slots: 2 * 3 * D * F (the merge itself, E expert
+        projections per token in `forward_per_token`, is not counted)."""
+        return float(2 * 3 * self.dim * self.hidden)
+
 
 def dense_weights(routing: Routing) -> Tensor:
     """[T, E] merge weights from the routing's slots (-1 slots contribute nothing)."""

@@ -6,10 +6,13 @@ small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `au
 (Hecto GRU + FFN experts). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
 keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant with `sequence_aware = True`
 ("hecto") also takes `seq_len`, `cache` and `layer` keywords, which `MoE` passes (see `MoE.forward`).
+Every variant declares `flops_per_token(load [E], tokens) -> float`, its routed experts' forward FLOPs per
+token given the token-slots each expert processed (what `moekit.bench` counts as active expert compute).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -20,15 +23,17 @@ from moekit.layers.experts import Experts
 from moekit.layers.film import FiLMExperts
 from moekit.layers.hecto import HectoExperts
 from moekit.layers.smear import SmearExperts
+from moekit.utils.registry import Registry
 
-EXPERTS_VARIANTS: dict[str, type[nn.Module]] = {
-    "ffn": Experts,
-    "film": FiLMExperts,
-    "smear": SmearExperts,
-    "duo": DuoExperts,
-    "autonomy": AutonomyExperts,
-    "hecto": HectoExperts,
-}
+EXPERTS_VARIANTS: Registry[type[nn.Module]] = Registry("experts variant")
+register_experts = EXPERTS_VARIANTS.register  # decorator for a variant defined elsewhere: @register_experts("name")
+
+register_experts("ffn")(Experts)
+register_experts("film")(FiLMExperts)
+register_experts("smear")(SmearExperts)
+register_experts("duo")(DuoExperts)
+register_experts("autonomy")(AutonomyExperts)
+register_experts("hecto")(HectoExperts)
 
 
 def build_experts(
@@ -41,10 +46,10 @@ def build_experts(
     backend: str = "auto",
     **args: Any,
 ) -> nn.Module:
-    """The experts variant `name`; `backend` applies to "ffn" only. Unknown names list the known ones."""
-    if name not in EXPERTS_VARIANTS:
-        raise ValueError(f"unknown experts variant {name!r}; known: {', '.join(EXPERTS_VARIANTS)}")
+    """The experts variant `name`; `backend` goes to variants that take it ("ffn"). Unknown names list the known
+    ones (`UnknownNameError`, a ValueError)."""
+    cls = EXPERTS_VARIANTS.get(name)
     common = dict(num_experts=num_experts, dim=dim, hidden=hidden, activation=activation)
-    if name == "ffn":
-        return Experts(**common, backend=backend, **args)
-    return EXPERTS_VARIANTS[name](**common, **args)
+    if "backend" in inspect.signature(cls).parameters:  # variants that use the dispatch backends
+        common["backend"] = backend
+    return cls(**common, **args)

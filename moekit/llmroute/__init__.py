@@ -7,7 +7,8 @@ It never imports torch. Modules (see docs/llmroute.md):
 - `routers`: one router per file, registered by name (`routers.create("knn", k=40)`, `routers.list_routers()`).
 - `metrics`: PGR, APGR, CPT, cost cut, AIQ, Pareto frontier, per-category audit; `evaluate`: sweeps and metrics.
 - `pipeline`: train / save / load / evaluate routers from a dataset (what `moekit route` calls); `plots`.
-- `config`, `server`: the OpenAI-compatible router server (`moekit route serve --config routes.yaml`).
-- `deps`: optional dependencies, checked in one place; `fakes`, `localserve`: a fake backend and a
-  thread-run uvicorn for tests and benchmarks.
+- `config`, `server`: the OpenAI-compatible router server (`moekit route serve --config routes.yaml`); `wire`:
+  the OpenAI request, response and stream formats it speaks.
+- `fakes`, `localserve`: a fake backend and a thread-run uvicorn for tests and benchmarks.
+Optional dependencies are checked in `moekit.utils.deps`, as everywhere in moekit.
 """

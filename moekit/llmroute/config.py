@@ -162,7 +162,7 @@ class RoutesConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> RoutesConfig:
         """Read `routes.yaml`; relative router paths are taken from the file's folder."""
-        from moekit.llmroute.deps import require
+        from moekit.utils.deps import require
 
         path = Path(path)
         if not path.exists():

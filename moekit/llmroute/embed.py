@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.llmroute.deps import MissingDependency, require
+from moekit.utils.deps import MissingDependency, require
 
 EMBEDDERS = ("tfidf", "sentence-transformers")
 

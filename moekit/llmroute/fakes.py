@@ -11,7 +11,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from moekit.llmroute.deps import require
+from moekit.utils.deps import require
 
 
 def fake_backend_app(

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.llmroute.deps import require
 from moekit.llmroute.prices import PriceTable, estimate_tokens
 from moekit.llmroute.table import RoutingTable
+from moekit.utils.deps import require
 
 FORMATS = ("routellm", "routerbench", "sprout")
 

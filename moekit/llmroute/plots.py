@@ -6,23 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.llmroute.deps import require
 from moekit.llmroute.evaluate import Evaluation
 from moekit.llmroute.metrics import upper_hull
 from moekit.llmroute.table import RoutingTable
-
-
-def _plt():
-    mpl = require("matplotlib")
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from moekit.utils.deps import pyplot
 
 
 def plot_cost_quality(evals: list[Evaluation], table: RoutingTable, path: str | Path, title: str = "") -> Path:
     """Each router's hull in the cost-quality plane, with the single models as points; returns the path."""
-    plt = _plt()
+    plt = pyplot(extra="llmroute")
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.cm.tab20(np.linspace(0, 1, 20))
     for i, ev in enumerate(evals):
@@ -54,7 +46,7 @@ def _finish(plt, fig, ax, path: str | Path) -> Path:
 
 def plot_pgr(evals: list[Evaluation], path: str | Path, title: str = "") -> Path:
     """PGR against the share of strong calls (two-model evaluations only); returns the path."""
-    plt = _plt()
+    plt = pyplot(extra="llmroute")
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.cm.tab20(np.linspace(0, 1, 20))
     for i, ev in enumerate(evals):

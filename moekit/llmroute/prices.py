@@ -70,7 +70,7 @@ class PriceTable:
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            from moekit.llmroute.deps import require
+            from moekit.utils.deps import require
 
             d = require("yaml").safe_load(text) or {}
         else:

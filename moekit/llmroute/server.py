@@ -9,7 +9,8 @@ keys are read from the environment at request time and never logged; client keys
 are read once at start and compared in constant time. Client input never gets a 500: bad bodies get 400
 with an OpenAI-style error. Routing (embedding + scoring) of a long prompt and parsing of a large body run in
 a worker thread, and a router embeds at most `server.max_route_chars` characters of a prompt, so a large
-prompt never stalls the event loop.
+prompt never stalls the event loop. The OpenAI wire format (request checks, error bodies, stream events) is
+in `moekit.llmroute.wire`.
 """
 
 import hmac
@@ -18,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections import defaultdict
@@ -27,22 +27,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.llmroute.config import BackendConfig, RoutesConfig
-from moekit.llmroute.deps import require
 from moekit.llmroute.prices import estimate_tokens
+from moekit.llmroute.wire import (
+    RequestError,
+    completion_chars,
+    error_body,
+    models_body,
+    parse_body,
+    parse_sse_line,
+    query_text,
+    route_text,
+    stream_error_event,
+)
+from moekit.utils.deps import require
 
 log = logging.getLogger("moekit.llmroute.server")
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 INLINE_CHARS = 4_000  # texts up to this long are routed on the event loop (about 1 ms), longer ones in a thread
 INLINE_BYTES = 65_536  # request bodies up to this size are parsed on the event loop, larger ones in a thread
-
-
-class RequestError(Exception):
-    """A client error, answered with `status` and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
 
 
 class BackendError(Exception):
@@ -89,113 +92,6 @@ class Metrics:
 
 def _escape(s: str) -> str:
     return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def query_text(messages: list[dict]) -> str:
-    """The text a router sees: the last user message (text parts joined), else the last message."""
-    chosen = None
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            chosen = m
-            break
-    chosen = chosen or messages[-1]
-    content = chosen.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        return "\n".join(t for t in parts if isinstance(t, str))
-    return ""
-
-
-def route_text(text: str, max_chars: int) -> str:
-    """What a router embeds: `text`, or (when longer than `max_chars`) its first `max_chars // 2` characters,
-    a newline and its last characters, `max_chars` in all."""
-    if len(text) <= max_chars:
-        return text
-    head = max_chars // 2
-    tail = max(0, max_chars - head - 1)
-    return text[:head] + "\n" + (text[len(text) - tail :] if tail else "")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"request body: {name} is not JSON; expected finite numbers")
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(f"request body: the number {text[:40]} is out of range; expected finite numbers")
-    return v
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")  # \ud800-\udfff: a surrogate, maybe unpaired
-
-
-def parse_body(raw: bytes, max_messages: int) -> dict:
-    """Parse and check a chat-completions request body; raise `RequestError(400)` naming what is wrong.
-
-    Rejects what json.loads accepts but JSON does not (NaN, Infinity, numbers too large for a float) and
-    strings that are not valid Unicode (lone surrogates such as "\\ud800"), since none can be forwarded.
-    One parse; the body is encoded again only when it holds a surrogate escape (to tell pairs from lone ones).
-    """
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise RequestError(400, "request body: JSON nested too deeply") from None
-    except UnicodeDecodeError:
-        raise RequestError(400, "request body: expected UTF-8 encoded JSON") from None
-    except ValueError as exc:
-        msg = str(exc)
-        raise RequestError(
-            400, msg if msg.startswith("request body:") else f"request body: expected JSON ({msg})"
-        ) from None
-    body = validate_chat_body(body, max_messages)
-    if _SURROGATE_ESCAPE.search(raw):
-        try:  # what the backends will be sent must encode: no lone surrogates
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(400, "request body: a string holds a lone surrogate (e.g. \\ud800)") from None
-    return body
-
-
-def _json_type(v: object) -> str:
-    """The JSON name of a parsed value's type (for error messages)."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    return {int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(type(v), "?")
-
-
-def validate_chat_body(body: object, max_messages: int) -> dict:
-    """Check an OpenAI chat-completions body; raise `RequestError(400)` naming what is wrong."""
-    if not isinstance(body, dict):
-        raise RequestError(400, f"request body: expected a JSON object, found {type(body).__name__}")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError(400, "'model': expected a non-empty string")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError(400, "'messages': expected a non-empty list of {role, content}")
-    if len(msgs) > max_messages:
-        raise RequestError(400, f"'messages': expected at most {max_messages} messages, found {len(msgs)}")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(400, f"'messages[{i}]': expected an object with a string 'role'")
-        c = m.get("content")
-        if c is not None and not isinstance(c, str | list):
-            raise RequestError(400, f"'messages[{i}].content': expected a string, a list of parts, or null")
-        for j, part in enumerate(c if isinstance(c, list) else []):
-            where = f"'messages[{i}].content[{j}]'"
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise RequestError(400, f"{where}: expected an object with a string 'type'")
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
-                found = _json_type(part["text"]) if "text" in part else "nothing"
-                raise RequestError(400, f"{where}.text: expected a string, found {found}")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise RequestError(400, "'stream': expected true or false")
-    return body
 
 
 class RouterService:
@@ -387,12 +283,7 @@ class RouterService:
             await resp.aclose()
         self.metrics.inc("requests_total", model=b.model, status=str(resp.status_code))
         if resp.status_code < 400 and isinstance(data, dict):
-            chars = sum(
-                len(str((c.get("message") or {}).get("content") or ""))
-                for c in data.get("choices", [])
-                if isinstance(c, dict)
-            )
-            self.account(b.model, data.get("usage"), text, chars)
+            self.account(b.model, data.get("usage"), text, completion_chars(data))
         return resp.status_code, raw, {"x-moekit-model": b.model, "x-moekit-route": how}
 
     async def stream(self, body: dict):
@@ -416,16 +307,15 @@ class RouterService:
                     buf += chunk
                     *lines, buf = buf.split(b"\n")
                     for line in lines:
-                        u, n = _parse_sse(line)
+                        u, n = parse_sse_line(line)
                         usage, chars = u or usage, chars + n
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 reason = type(exc).__name__
                 log.warning("backend %s broke off a stream: %s", b.model, reason)
                 self.metrics.inc("backend_errors_total", backend=b.model, reason=f"stream_{reason}")
                 self.metrics.inc("failed_requests_total")
-                err = {"message": f"{b.model}: the backend broke off the stream ({reason})", "type": "backend_error"}
-                event = json.dumps({"error": {**err, "param": None, "code": 502}}).encode()
-                yield (b"\n\n" if buf else b"") + b"data: " + event + b"\n\n"
+                message = f"{b.model}: the backend broke off the stream ({reason})"
+                yield stream_error_event(message, after_partial_line=bool(buf))
             finally:
                 await resp.aclose()
                 if resp.status_code < 400:
@@ -433,24 +323,6 @@ class RouterService:
 
         headers = {"x-moekit-model": b.model, "x-moekit-route": how}
         return resp.status_code, relay(), headers, resp.headers.get("content-type", "text/event-stream")
-
-
-def _parse_sse(line: bytes) -> tuple[dict | None, int]:
-    """(usage if the event has one, characters of content in it) for one `data: {...}` line."""
-    line = line.strip()
-    if not line.startswith(b"data:") or line == b"data: [DONE]":
-        return None, 0
-    try:
-        ev = json.loads(line[5:])
-    except ValueError:
-        return None, 0
-    if not isinstance(ev, dict):
-        return None, 0
-    n = 0
-    for c in ev.get("choices") or []:
-        if isinstance(c, dict):
-            n += len(str((c.get("delta") or {}).get("content") or ""))
-    return ev.get("usage") if isinstance(ev.get("usage"), dict) else None, n
 
 
 def load_client_keys(env_name: str | None) -> list[str]:
@@ -520,8 +392,7 @@ def create_app(
         status: int, message: str, kind: str, *, code: str | int | None = None, headers: dict | None = None
     ) -> JSONResponse:
         service.metrics.inc("client_errors_total", status=str(status))
-        body = {"error": {"message": message, "type": kind, "param": None, "code": status if code is None else code}}
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(error_body(status, message, kind, code), status_code=status, headers=headers)
 
     def denied(request: Request) -> JSONResponse | None:
         """A 401 unless the request carries one of the client keys (None when keys are not required)."""
@@ -543,10 +414,7 @@ def create_app(
     async def models(request: Request):
         if (deny := denied(request)) is not None:
             return deny
-        return {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "owned_by": "moekit"} for m in service.model_ids()],
-        }
+        return models_body(service.model_ids())
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -1,5 +1,7 @@
-"""Routers (one per file), the `Routing` contract, the registry and the auxiliary losses."""
+"""Routers (one per file), their base class `Router`, the `Routing` contract, the registry and the auxiliary
+losses."""
 
+from moekit.routing.base import Router
 from moekit.routing.registry import (
     build_router,
     get_router,
@@ -32,6 +34,7 @@ from moekit.routing import smear  # noqa: E402,F401  isort: skip
 from moekit.routing import autonomy  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "Router",
     "Routing",
     "build_router",
     "get_router",

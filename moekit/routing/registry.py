@@ -1,4 +1,4 @@
-"""The router registry: one way in (`register_router`), name -> class (CONVENTIONS 11)."""
+"""The router registry: one way in (`register_router`), name -> class (CONVENTIONS 11), on `moekit.utils.registry`."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-_ROUTERS: dict[str, type[nn.Module]] = {}
+from moekit.utils.registry import Registry
+
+ROUTERS: Registry[type[nn.Module]] = Registry("router")
 
 R = TypeVar("R", bound=type[nn.Module])
 
 
 def register_router(name: str) -> Callable[[R], R]:
-    """Class decorator: register a router class under `name` (unique)."""
+    """Class decorator: register a router class under `name` (unique) and set its `router_name`."""
 
     def deco(cls: R) -> R:
-        if name in _ROUTERS and _ROUTERS[name] is not cls:
-            raise ValueError(f"router name {name!r} is already registered to {_ROUTERS[name].__name__}")
+        ROUTERS.register(name)(cls)
         cls.router_name = name  # type: ignore[attr-defined]
-        _ROUTERS[name] = cls
         return cls
 
     return deco
@@ -34,16 +34,13 @@ def _ensure_builtin() -> None:
 def list_routers() -> list[str]:
     """Names of every registered router, sorted."""
     _ensure_builtin()
-    return sorted(_ROUTERS)
+    return ROUTERS.list()
 
 
 def get_router(name: str) -> type[nn.Module]:
-    """The router class registered under `name`; an unknown name lists the known ones."""
+    """The router class registered under `name`; an unknown name lists the known ones (a KeyError)."""
     _ensure_builtin()
-    try:
-        return _ROUTERS[name]
-    except KeyError:
-        raise KeyError(f"unknown router {name!r}; known routers: {', '.join(sorted(_ROUTERS))}") from None
+    return ROUTERS.get(name)
 
 
 def build_router(name: str, **kwargs: Any) -> nn.Module:

@@ -7,16 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'moekit[data]' (or pip install matplotlib)") from e
-    return plt
+from moekit.utils.deps import pyplot
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -27,25 +18,35 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(runs: dict[str, Path], out: Path) -> Path:
-    """Validation loss (eval.jsonl) and training loss (train.jsonl) against step, one line per run."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, run in runs.items():
-        tr = read_jsonl(run / "train.jsonl")
-        ev = read_jsonl(run / "eval.jsonl")
+def plot_loss_curves(runs: dict[str, Path], out: Path, *, many: bool = False) -> Path:
+    """Training loss (train.jsonl) and validation loss (eval.jsonl) against step, one line per run.
+
+    many=True (the router leaderboard's dozens of runs): a wider figure, tab20 colours (dashed after the 20th
+    run), small markers and one legend right of the plots; else default colours and a legend on each plot."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8) if many else (10, 3.6))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, run) in enumerate(runs.items()):
+        style: dict = dict(color=cmap(i % 20), linestyle="-" if i < 20 else "--") if many else {}
+        tr, ev = read_jsonl(run / "train.jsonl"), read_jsonl(run / "eval.jsonl")
         if tr:
-            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name, alpha=0.8)
+            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name, alpha=0.8, **style)
         if ev:
-            axes[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], marker="o", label=name)
+            marks = dict(marker="o", markersize=3) if many else dict(marker="o")
+            axes[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], label=name, **marks, **style)
     for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+        if not many:
+            ax.legend()
+    if many:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), ncol=1 + len(runs) // 16)
+        fig.savefig(out, dpi=110, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
@@ -61,7 +62,7 @@ def domain_expert_shares(expert_counts: dict[str, list[list[int]]]) -> tuple[lis
 
 def plot_domain_expert_heatmap(expert_counts: dict[str, list[list[int]]], moe_layers: list[int], out: Path) -> Path:
     """One heat map per MoE layer: rows = domains, columns = experts, colour = share of the domain's tokens."""
-    plt = _pyplot()
+    plt = pyplot()
     labels, shares = domain_expert_shares(expert_counts)
     n = shares.shape[0]
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 0.5 * len(labels) + 1.6), squeeze=False)

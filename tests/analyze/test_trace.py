@@ -9,21 +9,11 @@ import torch
 from moekit.analyze.metrics.specialization import preferred_tokens
 from moekit.analyze.table import Trace
 from moekit.analyze.trace import capture, expert_output_absmax
-from moekit.models import LMConfig, MoELM
+from moekit.models import MoELM
+from tests.helpers import tiny_lm
 
-CFG = LMConfig(
-    vocab_size=50,
-    dim=16,
-    n_layers=3,
-    n_heads=2,
-    n_kv_heads=1,
-    max_seq_len=16,
-    ffn_hidden=32,
-    num_experts=4,
-    expert_hidden=8,
-    router_args={"k": 2},
-    first_k_dense=1,
-)
+CFG = tiny_lm(vocab_size=50, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, max_seq_len=16, ffn_hidden=32, num_experts=4,
+              expert_hidden=8, router_args={"k": 2}, first_k_dense=1)
 
 
 def batches(n=3, B=2, L=8, seed=0):
@@ -85,7 +75,7 @@ def test_failed_capture_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="label columns"):
         capture(model, bad(), tmp_path / "t.parquet", progress=False)
     assert not list(tmp_path.iterdir())
-    dense = MoELM(LMConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8, ffn_hidden=8))
+    dense = MoELM(tiny_lm(n_layers=1, ffn_hidden=8))
     with pytest.raises(ValueError, match="no moekit MoE layers"):
         capture(dense, batches(), tmp_path / "d.parquet", progress=False)
     with pytest.raises(FileNotFoundError):

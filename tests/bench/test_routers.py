@@ -9,7 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moekit.bench.routers import BUDGETS, ENTRIES, model_config, mutual_information, run_leaderboard
+from moekit.bench import BUDGETS, ENTRIES, run_leaderboard
+from moekit.bench.entries import model_config
+from moekit.bench.measure import expert_domain_mi_bits, measure
 from moekit.cli.main import app
 from moekit.models import MoELM, count_params
 from moekit.routing import list_routers
@@ -114,8 +116,30 @@ def test_cli_reuses_finished_runs_and_rejects_unknown_entries(smoke):
 
 
 def test_mutual_information():
-    assert mutual_information(torch.tensor([[5, 5], [5, 5]])) == pytest.approx(0.0)
-    assert mutual_information(torch.tensor([[7, 0, 0], [0, 7, 0], [0, 0, 7]])) == pytest.approx(math.log2(3))
+    assert expert_domain_mi_bits(torch.tensor([[5, 5], [5, 5]])) == pytest.approx(0.0)
+    assert expert_domain_mi_bits(torch.tensor([[7, 0, 0], [0, 7, 0], [0, 0, 7]])) == pytest.approx(math.log2(3))
+    # [domains, E] counts: I = H(domain) - H(domain | expert) = 1 - 1/2 (expert 1, half the slots, sees both)
+    assert expert_domain_mi_bits(torch.tensor([[4, 4, 0], [0, 4, 4]])) == pytest.approx(0.5)
+
+
+def test_measure_asks_each_experts_variant_for_its_flops():
+    """The routed-expert FLOPs are the variant's own `flops_per_token`, summed over MoE layers, from the loads the
+    routings measured (here Duo-LLM: a big expert of width 2F, a small one of width F/2 as in the leaderboard)."""
+    b = BUDGETS["smoke"]
+    cfg = model_config(ENTRIES["duo"], b, b.vocab_size)
+    model = MoELM(cfg)
+    x = torch.randint(0, b.vocab_size, (3, b.seq_len))
+    m = measure(model, {"a": (x[:2], x[:2]), "b": (x[2:], x[2:])}, batch_size=2)
+    model.eval()
+    with torch.no_grad():
+        routings = [r for r in model(x).routings if r is not None]
+    T = x.numel()
+    small = max(1, cfg.expert_hidden // 4)
+    expected = 0.0
+    for r in routings:
+        load = r.tokens_per_expert().double()  # [2]: slots of the big and of the small expert
+        expected += 2 * 3 * cfg.dim * float(cfg.expert_hidden * load[0] + small * load[1]) / T
+    assert len(routings) == cfg.n_layers and m.expert_flops_per_token == pytest.approx(expected, rel=1e-12)
 
 
 def test_an_interrupted_run_stops_the_leaderboard(smoke, monkeypatch):

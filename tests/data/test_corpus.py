@@ -7,7 +7,9 @@ import importlib.util
 
 import pytest
 
-from moekit.data import MissingDependency, builtin_corpus, deps, load_bible, load_code, load_wiki
+from moekit.data import builtin_corpus, load_bible, load_code, load_wiki
+from moekit.utils import deps
+from moekit.utils.deps import MissingDependency
 
 
 @pytest.fixture(scope="module")

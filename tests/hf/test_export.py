@@ -11,9 +11,9 @@ from moekit.cli.main import app
 from moekit.hf.export import ExportError, export_lm, hf_config_for
 from moekit.models import LMConfig, MoELM
 from moekit.train import save_checkpoint
+from tests.helpers import TINY_LM
 
-BASE = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, num_experts=8,
-            expert_hidden=16, ffn_hidden=48)
+BASE = dict(TINY_LM, vocab_size=96, num_experts=8, expert_hidden=16)
 TARGETS = {
     "mixtral": dict(router_args={"k": 2}),
     "olmoe": dict(qk_norm="full", router_args={"k": 2, "normalize": False}),

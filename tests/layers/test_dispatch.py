@@ -90,7 +90,7 @@ def test_empty_slots_cost_no_compute():
 
 
 def test_unknown_backend_lists_known():
-    with pytest.raises(ValueError, match="known: .*eager.*loop"):
+    with pytest.raises(ValueError, match="known dispatch backends: .*eager.*loop"):
         get_backend("warp-speed")
     with pytest.raises(ValueError, match="known"):
         Experts(num_experts=2, dim=4, hidden=4, backend="warp-speed")

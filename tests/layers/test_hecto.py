@@ -12,6 +12,7 @@ from moekit.layers.hecto import HectoExperts
 from moekit.layers.variants import build_experts
 from moekit.models import LMConfig, MoELM
 from moekit.routing import Routing, build_router
+from tests.helpers import tiny_lm
 
 D, F = 16, 8
 
@@ -198,19 +199,7 @@ def test_moe_layer_passes_sequences():
 
 
 def test_lm_prefill_and_decode_equal_full_forward():
-    cfg = LMConfig(
-        vocab_size=64,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=32,
-        num_experts=2,
-        expert_hidden=32,
-        experts="hecto",
-        router="topk",
-        router_args={"k": 1},
-    )
+    cfg = tiny_lm(num_experts=2, expert_hidden=32, experts="hecto", router="topk", router_args={"k": 1})
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     model = MoELM(cfg).eval()
     assert isinstance(model.layers[0].mlp.experts, HectoExperts)

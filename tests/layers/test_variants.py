@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moekit.layers import Experts, MoE
+from moekit.layers import Experts, MoE, variants
 from moekit.layers.autonomy import AutonomyExperts
 from moekit.layers.duo import DuoExperts
 from moekit.layers.film import FiLMExperts
@@ -11,6 +11,7 @@ from moekit.layers.smear import SmearExperts
 from moekit.layers.variants import build_experts
 from moekit.models import LMConfig, MoELM
 from moekit.routing import Routing, build_router
+from tests.helpers import tiny_lm
 
 D, E, F = 16, 4, 8
 
@@ -108,9 +109,8 @@ def test_autonomy_equals_experts_with_factorised_gate():
     ],
 )
 def test_lm_builds_and_trains_with_each_variant(experts, router, router_args, experts_args, E_):
-    cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, num_experts=E_,
-                   expert_hidden=16, router=router, router_args=router_args, experts=experts,
-                   experts_args=experts_args)
+    cfg = tiny_lm(max_seq_len=16, num_experts=E_, expert_hidden=16, router=router, router_args=router_args,
+                  experts=experts, experts_args=experts_args)
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     model = MoELM(cfg)
     assert type(model.layers[0].mlp.experts).__name__ == type(build_experts(experts, num_experts=E_, dim=32,
@@ -129,3 +129,24 @@ def test_moe_layer_accepts_a_variant():
                                                                                            hidden=F))
     y, r = moe(torch.randn(2, 3, D))
     assert y.shape == (2, 3, D)
+
+
+def test_every_variant_declares_its_flops_per_token():
+    """Routed-expert forward FLOPs per token from the loads [E] over T tokens, by hand for each variant."""
+    D_, F_, T_ = 8, 12, 10
+    load = torch.tensor([6.0, 4.0])  # token-slots of expert 0 and expert 1 over T_ tokens
+    gated = 2 * 3 * D_ * F_  # one gated expert of width F on one token
+    expected = {
+        "ffn": gated * 10 / T_,  # every slot one expert
+        "autonomy": gated * 10 / T_,  # counted as a gated expert per slot
+        "smear": gated,  # one merged expert per token, whatever the slots
+        "film": gated,  # the shared FFN once per token
+        "duo": 2 * 3 * D_ * (F_ * 6 + 3 * 4) / T_,  # big (F) and small (F // 4 = 3) experts
+        "hecto": (gated * 6 + 2 * (3 * (D_ * 5 + 5 * 5) + 5 * D_) * 4) / T_,  # FFN, then GRU of hidden 5
+    }
+    assert set(expected) == set(variants.EXPERTS_VARIANTS)
+    for name, want in expected.items():
+        ex = build_experts(name, num_experts=2, dim=D_, hidden=F_, **({"gru_hidden": 5} if name == "hecto" else {}))
+        assert ex.flops_per_token(load, T_) == pytest.approx(want), name
+    plain = Experts(num_experts=2, dim=D_, hidden=F_, gated=False, activation="relu")
+    assert plain.flops_per_token(load, T_) == pytest.approx(2 * 2 * D_ * F_ * 10 / T_)  # up and down only

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from moekit.llmroute.deps import MissingDependency, available, require
 from moekit.llmroute.loaders import load_routellm, load_routerbench, load_sprout, load_table
 from moekit.llmroute.prices import Price, PriceTable, estimate_tokens
 from moekit.llmroute.table import RoutingTable, SplitConfig, split_rows
+from moekit.utils.deps import MissingDependency, available, require
 
 PRICES = PriceTable.from_dict({"a": {"input": 1.0, "output": 2.0}, "b": {"input": 10.0, "output": 20.0}})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moekit.llmroute.deps import available
 from moekit.llmroute.embed import (
     SentenceTransformerEmbedder,
     TfidfConfig,
@@ -14,6 +13,7 @@ from moekit.llmroute.embed import (
     load_embedder,
     make_embedder,
 )
+from moekit.utils.deps import available
 from tests.llmroute.synth import make_synthetic
 
 

@@ -296,3 +296,22 @@ def test_single_category_tables_say_why_category_routing_cannot_run(synthetic, t
     np.testing.assert_array_equal(back.route(x_test, 0.1), ens.route(x_test, 0.1))
     with pytest.raises(ValueError, match="no member can train on this table: category"):
         create("ensemble", members=[{"name": "category"}]).fit(one, x_train)
+
+
+def test_router_public_methods_carry_type_hints():
+    """Every public method a router defines (and its `__init__` / `_fit` hooks) annotates its arguments and result."""
+    import inspect
+
+    from moekit.llmroute.routers import base
+
+    missing = []
+    classes = [base.Router, *(get(n) for n in list_routers())]
+    for cls in classes:
+        for name, fn in vars(cls).items():
+            if not inspect.isfunction(fn) or (name.startswith("_") and name not in ("__init__", "_fit")):
+                continue
+            sig = inspect.signature(fn)
+            unannotated = [p.name for p in sig.parameters.values() if p.name != "self" and p.annotation is p.empty]
+            if unannotated or sig.return_annotation is sig.empty:
+                missing.append(f"{cls.__name__}.{name}: {unannotated or 'return'}")
+    assert not missing, missing

@@ -203,7 +203,7 @@ def test_config_errors_are_named(tmp_path):
 
 
 def test_query_text_takes_the_last_user_message():
-    from moekit.llmroute.server import query_text
+    from moekit.llmroute.wire import query_text
 
     msgs = [
         {"role": "system", "content": "be brief"},
@@ -311,7 +311,7 @@ def test_routing_runs_off_the_event_loop_on_a_bounded_prompt(backends, knn):
 
 
 def test_route_text_keeps_the_first_and_last_halves():
-    from moekit.llmroute.server import route_text
+    from moekit.llmroute.wire import route_text
 
     assert route_text("abcdef", 6) == "abcdef"
     assert route_text("abcdefghij", 4) == "ab\nj"

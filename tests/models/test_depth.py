@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from moekit.models import LMConfig, MoELM
 from moekit.models.depth import DepthRouter, gather_selected
+from tests.helpers import TINY_LM
 
-TINY = dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32, ffn_hidden=48)
+TINY = dict(TINY_LM, n_layers=4)
 
 
 def tiny(**kw) -> MoELM:

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from moekit.models import LMConfig, MoELM, count_params
+from tests.helpers import TINY_LM
 
-TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, ffn_hidden=48)
+TINY = TINY_LM
 
 
 def tiny(**kw) -> MoELM:

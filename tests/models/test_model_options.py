@@ -8,9 +8,9 @@ import torch
 from moekit.layers.chain import ChainMoE
 from moekit.models import LMConfig, MoELM
 from moekit.train.checkpoint import load_model, save_checkpoint
+from tests.helpers import TINY_LM
 
-TINY = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16, num_experts=4,
-            expert_hidden=16, router_args={"k": 1})
+TINY = dict(TINY_LM, n_layers=3, max_seq_len=16, num_experts=4, expert_hidden=16, router_args={"k": 1})
 
 
 def test_chain_of_experts_lm():

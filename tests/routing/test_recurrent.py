@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from moekit.models import LMConfig, MoELM
+from moekit.models import MoELM
 from moekit.routing import build_router
+from tests.helpers import tiny_lm
 
 
 def test_state_changes_routing_and_carries_gradient():
@@ -35,8 +36,8 @@ def test_detach_state_stops_gradient_and_bad_state_is_an_error():
 
 
 def test_lm_threads_state_through_layers():
-    cfg = LMConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16,
-                   num_experts=4, expert_hidden=16, router="recurrent", router_args={"k": 2, "hidden": 8})
+    cfg = tiny_lm(n_layers=3, max_seq_len=16, num_experts=4, expert_hidden=16, router="recurrent",
+                  router_args={"k": 2, "hidden": 8})
     model = MoELM(cfg)
     ids = torch.randint(0, 64, (2, 8))
     out = model(ids, targets=ids)

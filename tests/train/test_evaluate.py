@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.models import LMConfig, MoELM
+from moekit.models import MoELM
 from moekit.train.evaluate import evaluate, validation_windows
+from tests.helpers import tiny_lm
 
 
 class _Val:
@@ -40,7 +41,7 @@ def test_short_labels_are_left_out_with_a_warning():
 
 
 def test_evaluate_reports_no_loss_for_a_label_without_windows():
-    model = MoELM(LMConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16, ffn_hidden=32))
+    model = MoELM(tiny_lm(n_layers=1, ffn_hidden=32))
     x = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
     res = evaluate(model, {"a": (x, x), "empty": (x[:0], x[:0])})
     assert set(res.loss_per_label) == {"a"} and res.tokens_per_label == {"a": 24}

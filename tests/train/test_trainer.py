@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from moekit.models import LMConfig
 from moekit.train import TrainConfig, evaluate, load_model, read_meta, train
 from moekit.train.schedule import lr_at
+from tests.helpers import tiny_lm
 
 
 class Synthetic:
@@ -41,18 +41,7 @@ class Synthetic:
         return out
 
 
-MODEL = LMConfig(
-    vocab_size=32,
-    dim=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    max_seq_len=16,
-    ffn_hidden=32,
-    num_experts=4,
-    expert_hidden=16,
-    router_args={"k": 2},
-)
+MODEL = tiny_lm(vocab_size=32, max_seq_len=16, ffn_hidden=32, num_experts=4, expert_hidden=16, router_args={"k": 2})
 TRAIN = dict(batch_size=4, seq_len=16, lr=1e-2, warmup_steps=2, eval_every=5, ckpt_every=5, log_every=1)
 
 

@@ -8,13 +8,17 @@ by H(Y) (0 = routing ignores the label, 1 = the expert determines the label).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moekit.analyze.table import Trace
 
 
-def mutual_information(joint: np.ndarray) -> tuple[float, float]:
-    """(I, I / H(Y)) from a joint count table [E, Y]."""
+def mutual_information(joint: np.ndarray, *, base: float = math.e) -> tuple[float, float]:
+    """(I, I / H(Y)) from a joint count table [E, Y]; I in nats, or in units of log `base` (2: bits).
+
+    I >= 0 (rounding clamped); the normalised value does not depend on the base."""
     joint = np.asarray(joint, dtype=np.float64)
     n = joint.sum()
     if n == 0:
@@ -24,7 +28,8 @@ def mutual_information(joint: np.ndarray) -> tuple[float, float]:
     nz = p > 0
     mi = float((p[nz] * np.log(p[nz] / (pe @ py)[nz])).sum())
     hy = float(-(py[py > 0] * np.log(py[py > 0])).sum())
-    return max(mi, 0.0), (max(mi, 0.0) / hy if hy > 0 else 0.0)
+    mi = max(mi, 0.0)
+    return mi / math.log(base), (mi / hy if hy > 0 else 0.0)
 
 
 def label_expert_counts(trace: Trace, label: str) -> tuple[list[str], dict[int, np.ndarray]]:

@@ -18,13 +18,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from moekit.llmroute.table import RoutingTable
 
 _EPS = 1e-9
+
+
+class Embedder(Protocol):
+    """What a router may use at fit time to embed texts of its own (e.g. route descriptions)."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """[N, D] embeddings of `texts`."""
+        ...
 
 
 @dataclass
@@ -66,7 +74,7 @@ class Router:
         self.weak: int = 0  # index of the weak model (cheapest other model) for two-model routing
 
     # --- fitting -------------------------------------------------------------------------------
-    def fit(self, table: RoutingTable, x: np.ndarray, *, embedder=None) -> Router:
+    def fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> Router:
         """Learn from `table` and its query embeddings `x: [Q, D]` (rows aligned with the table)."""
         x = check_embeddings(x, None, f"{self.name}.fit")
         if len(x) != len(table):
@@ -96,7 +104,7 @@ class Router:
             raise KeyError(f"{self.name}: {key}={name!r} is not a model of the table; models: {self.models}")
         return self.models.index(name)
 
-    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder=None) -> None:
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         """Subclass hook: learn parameters."""
 
     def _check_fitted(self) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router, check_embeddings
+from moekit.llmroute.routers.base import Embedder, Prediction, Router, check_embeddings
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("category")
@@ -21,8 +22,8 @@ class CategoryRouter(Router):
     """Args: c (float, default 1.0): inverse L2 strength of the classifier; prior (float, default 20):
     pseudo-queries of shrinkage towards the overall means; max_iter (int, default 300)."""
 
-    def _fit(self, table, x, *, embedder=None):
-        from moekit.llmroute.deps import require
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
+        from moekit.utils.deps import require
 
         require("sklearn")
         from sklearn.linear_model import LogisticRegression
@@ -60,17 +61,17 @@ class CategoryRouter(Router):
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         p = self.category_probs(x)
         return Prediction(p @ self.cat_quality, p @ self.cat_cost)
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {"w": self.w, "b": self.b, "cat_quality": self.cat_quality, "cat_cost": self.cat_cost}
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.w, self.b = arrays["w"], arrays["b"]
         self.cat_quality, self.cat_cost = arrays["cat_quality"], arrays["cat_cost"]
         self.categories = meta["categories"]
 
-    def meta(self):
+    def meta(self) -> dict:
         return {"categories": self.categories}

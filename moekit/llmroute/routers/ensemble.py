@@ -9,18 +9,20 @@ a warning naming it, and the others' weights are renormalised; when none can tra
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router
+from moekit.llmroute.routers.base import Embedder, Prediction, Router
 from moekit.llmroute.routers.registry import create, register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("ensemble")
 class EnsembleRouter(Router):
     """Args: members (list of {name, args}), weights (list of floats, default equal)."""
 
-    def __init__(self, **args):
+    def __init__(self, **args: Any) -> None:
         super().__init__(**args)
         members = args.get("members")
         if not isinstance(members, list) or not members:
@@ -40,7 +42,7 @@ class EnsembleRouter(Router):
         self.members = list(self.given)  # the members in use (those that could train)
         self.kept = list(range(len(self.given)))  # their indices in `given`
 
-    def _fit(self, table, x, *, embedder=None):
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         kept, reasons = [], []
         for i, m in enumerate(self.given):
             try:
@@ -62,17 +64,17 @@ class EnsembleRouter(Router):
             raise ValueError(f"ensemble: the members that could train ({kept}) all have weight 0")
         self.kept, self.members, self.weights = list(kept), [self.given[i] for i in kept], w / w.sum()
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         self._check_fitted()
         preds = [m.predict(x, table) for m in self.members]
         q = sum(w * p.quality for w, p in zip(self.weights, preds, strict=True))
         c = sum(w * p.cost for w, p in zip(self.weights, preds, strict=True))
         return Prediction(q, c)
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {f"m{i}__{k}": v for i, m in enumerate(self.members) for k, v in m.state().items()}
 
-    def meta(self):
+    def meta(self) -> dict:
         return {
             "kept": self.kept,
             "members": [
@@ -88,7 +90,7 @@ class EnsembleRouter(Router):
             ],
         }
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         if "kept" in meta:
             self._keep(meta["kept"])
         for i, (m, info) in enumerate(zip(self.members, meta["members"], strict=True)):

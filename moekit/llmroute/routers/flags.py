@@ -5,10 +5,13 @@ Attribute `cost` uses the predicted cost; `size` and `latency` come from `attrib
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router
+from moekit.llmroute.routers.base import Embedder, Prediction, Router
 from moekit.llmroute.routers.registry import create, register
+from moekit.llmroute.table import RoutingTable
 
 FLAGS = ("size", "latency", "cost")
 
@@ -18,7 +21,7 @@ class FlagsRouter(Router):
     """Args: base (router name, default "knn"), base_args (dict), penalties ({flag: lambda}),
     attributes ({model: {size: ..., latency: ...}}) for the flags other than cost."""
 
-    def __init__(self, **args):
+    def __init__(self, **args: Any) -> None:
         super().__init__(**args)
         pen = args.get("penalties", {})
         bad = [f for f in pen if f not in FLAGS]
@@ -28,11 +31,11 @@ class FlagsRouter(Router):
             raise ValueError(f"flags: penalties expected numbers >= 0, found {pen}")
         self.inner = create(args.get("base", "knn"), **args.get("base_args", {}))
 
-    def _fit(self, table, x, *, embedder=None):
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         self.inner.fit(table, x, embedder=embedder)
         self._check_attributes()
 
-    def _check_attributes(self):
+    def _check_attributes(self) -> None:
         attrs = self.args.get("attributes", {})
         for f in self.args.get("penalties", {}):
             if f == "cost":
@@ -54,14 +57,14 @@ class FlagsRouter(Router):
                 out += lam * (a / max(a.max(), 1e-12))[None, :]
         return out
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         pred = self.inner.predict(x, table)
         return Prediction(pred.quality - self.penalty(pred), pred.cost)
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {f"inner__{k}": v for k, v in self.inner.state().items()}
 
-    def meta(self):
+    def meta(self) -> dict:
         i = self.inner
         return {
             "inner": {
@@ -74,7 +77,7 @@ class FlagsRouter(Router):
             }
         }
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         info = meta["inner"]
         i = self.inner
         i.models, i.cost_scale, i.dim = info["models"], info["cost_scale"], info["dim"]

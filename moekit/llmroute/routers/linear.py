@@ -24,7 +24,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0) ->
 
     A column with a single class gets w = 0 and b = the logit of its (clipped) rate.
     """
-    from moekit.llmroute.deps import require
+    from moekit.utils.deps import require
 
     require("sklearn")
     from sklearn.linear_model import LogisticRegression

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router, check_embeddings
+from moekit.llmroute.routers.base import Embedder, Prediction, Router, check_embeddings
 from moekit.llmroute.routers.linear import sigmoid
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 _PARAMS = ("P", "V", "w", "b")
 
@@ -77,7 +78,7 @@ class MFRouter(Router):
 
     threshold_two_model = True
 
-    def _fit(self, table, x, *, embedder=None):
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         a = self.args
         dim, epochs, batch = int(a.get("dim", 64)), int(a.get("epochs", 40)), int(a.get("batch", 256))
         lr, l2, pointwise = float(a.get("lr", 3e-3)), float(a.get("l2", 1e-5)), float(a.get("pointwise", 1.0))
@@ -114,22 +115,22 @@ class MFRouter(Router):
         self._check_fitted()
         return mf_scores(self.params, check_embeddings(x, self.dim, "mf.scores"))
 
-    def win_prob(self, x, table=None):
+    def win_prob(self, x: np.ndarray, table: RoutingTable | None = None) -> np.ndarray:
         s = self.scores(x)
         return sigmoid(s[:, self.strong] - s[:, self.weak])
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         """Quality = sigmoid(s(m, q)); cost = the model's mean training cost."""
         s = self.scores(x)
         return Prediction(sigmoid(s), np.tile(self.mean_cost, (len(x), 1)))
 
-    def fit(self, table, x, *, embedder=None):
+    def fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> Router:
         self.mean_cost = table.mean_cost()
         return super().fit(table, x, embedder=embedder)
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {**self.params, "mean_cost": self.mean_cost}
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.params = {k: arrays[k] for k in _PARAMS}
         self.mean_cost = arrays["mean_cost"]

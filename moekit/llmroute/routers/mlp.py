@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router, check_embeddings
+from moekit.llmroute.routers.base import Embedder, Prediction, Router, check_embeddings
 from moekit.llmroute.routers.linear import fit_ridge
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("mlp")
 class MLPRouter(Router):
     """Args: hidden (int, default 128), l2 (float, default 1e-3), max_iter (int, default 200), seed (int, default 0)."""
 
-    def _fit(self, table, x, *, embedder=None):
-        from moekit.llmroute.deps import require
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
+        from moekit.utils.deps import require
 
         require("sklearn")
         from sklearn.neural_network import MLPRegressor
@@ -44,24 +45,24 @@ class MLPRouter(Router):
                 h = np.maximum(h, 0.0)
         return h
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         self._check_fitted()
         x = check_embeddings(x, self.dim, "mlp.predict")
         q = np.clip(self.forward(x), 0.0, 1.0)
         c = np.maximum(x @ self.cost_w + self.cost_b, 0.0)
         return Prediction(q, c)
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         s = {f"w{i}": w for i, w in enumerate(self.weights)}
         s.update({f"b{i}": b for i, b in enumerate(self.biases)})
         s.update(cost_w=self.cost_w, cost_b=self.cost_b)
         return s
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         n = meta["layers"]
         self.weights = [arrays[f"w{i}"] for i in range(n)]
         self.biases = [arrays[f"b{i}"] for i in range(n)]
         self.cost_w, self.cost_b = arrays["cost_w"], arrays["cost_b"]
 
-    def meta(self):
+    def meta(self) -> dict:
         return {"layers": len(self.weights)}

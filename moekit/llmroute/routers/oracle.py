@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from moekit.llmroute.routers.base import Prediction, Router
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("oracle")
@@ -12,7 +15,7 @@ class OracleRouter(Router):
 
     needs_table = True
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         if table is None:
             raise ValueError("router 'oracle' needs the true table: route(x, mu, table=...)")
         if table.models != self.models:

@@ -5,17 +5,20 @@ route is similar enough. No labels are learned; `mu` is ignored."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from moekit.llmroute.routers.base import Prediction, Router, check_embeddings, check_mu
+from moekit.llmroute.routers.base import Embedder, Prediction, Router, check_embeddings, check_mu
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("policy")
 class PolicyRouter(Router):
     """Args: routes (list of {name, description, model}), default (model name), min_similarity (float, 0.0)."""
 
-    def __init__(self, **args):
+    def __init__(self, **args: Any) -> None:
         super().__init__(**args)
         routes = args.get("routes")
         if not isinstance(routes, list) or not routes:
@@ -28,7 +31,7 @@ class PolicyRouter(Router):
         if "default" not in args:
             raise ValueError("policy: expected default=<model name> for queries that match no route")
 
-    def _fit(self, table, x, *, embedder=None):
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         if embedder is None:
             raise ValueError("policy: fit needs the embedder (fit(table, x, embedder=...)) to embed descriptions")
         for r in self.args["routes"]:
@@ -41,7 +44,7 @@ class PolicyRouter(Router):
             raise KeyError(f"policy: model {name!r} is not a model of the table; models: {self.models}")
         return self.models.index(name)
 
-    def predict(self, x, table=None):
+    def predict(self, x: np.ndarray, table: RoutingTable | None = None) -> Prediction:
         """quality[q, m] = best similarity of q to a route served by m (default model: min_similarity)."""
         self._check_fitted()
         x = check_embeddings(x, self.dim, "policy.predict")
@@ -55,11 +58,13 @@ class PolicyRouter(Router):
         q[~np.isfinite(q)] = -1.0
         return Prediction(q, np.zeros_like(q))
 
-    def route(self, x, mu, table=None):
+    def route(self, x: np.ndarray, mu: float, table: RoutingTable | None = None) -> np.ndarray:
         check_mu(mu)
         return np.argmax(self.predict(x).quality, axis=1)
 
-    def strong_score(self, x, table=None, *, cost_aware=True):
+    def strong_score(
+        self, x: np.ndarray, table: RoutingTable | None = None, *, cost_aware: bool = True
+    ) -> np.ndarray:
         q = self.predict(x).quality
         return q[:, self.strong] - q[:, self.weak]
 
@@ -71,8 +76,8 @@ class PolicyRouter(Router):
         names = [r["name"] for r in self.args["routes"]]
         return [names[j] if sims[i, j] >= floor else None for i, j in enumerate(best)]
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {"route_emb": self.route_emb}
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.route_emb = arrays["route_emb"]

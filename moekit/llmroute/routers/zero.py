@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from moekit.llmroute.metrics import upper_hull
-from moekit.llmroute.routers.base import Router, check_mu
+from moekit.llmroute.routers.base import Embedder, Router, check_mu
 from moekit.llmroute.routers.registry import register
+from moekit.llmroute.table import RoutingTable
 
 
 @register("zero")
 class ZeroRouter(Router):
     """Random mixing along the single models' hull. Args: seed (int, default 0)."""
 
-    def _fit(self, table, x, *, embedder=None):
+    def _fit(self, table: RoutingTable, x: np.ndarray, *, embedder: Embedder | None = None) -> None:
         c, q = table.mean_cost(), table.mean_quality()
         self.hull = upper_hull(c, q)
         self.hull_cost = c[self.hull]
@@ -37,18 +38,20 @@ class ZeroRouter(Router):
         p = float(np.clip((target - lo) / (hi - lo), 0.0, 1.0))
         return int(self.hull[j - 1]), int(self.hull[j]), p
 
-    def route(self, x, mu, table=None):
+    def route(self, x: np.ndarray, mu: float, table: RoutingTable | None = None) -> np.ndarray:
         self._check_fitted()
         lo, hi, p = self.mixture(mu)
         draws = np.random.default_rng(self.args.get("seed", 0)).random(len(x))
         return np.where(draws < p, hi, lo)
 
-    def strong_score(self, x, table=None, *, cost_aware=True):
+    def strong_score(
+        self, x: np.ndarray, table: RoutingTable | None = None, *, cost_aware: bool = True
+    ) -> np.ndarray:
         self._check_fitted()
         return np.random.default_rng(self.args.get("seed", 0)).random(len(x))
 
-    def state(self):
+    def state(self) -> dict[str, np.ndarray]:
         return {"hull": self.hull, "hull_cost": self.hull_cost, "hull_quality": self.hull_quality}
 
-    def load_state(self, arrays, meta):
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.hull, self.hull_cost, self.hull_quality = arrays["hull"], arrays["hull_cost"], arrays["hull_quality"]

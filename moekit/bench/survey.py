@@ -1,4 +1,4 @@
-"""Run every registered router through an MoE layer on the same random data and summarise."""
+"""Run every registered router through an MoE layer on the same random data and summarise (`moekit demo`)."""
 
 from __future__ import annotations
 
