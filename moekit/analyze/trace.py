@@ -90,8 +90,8 @@ class RoutingRecorder:
             if T == B * L:
                 t = np.arange(T)
             else:  # a mixture-of-depths block routes a subset of the tokens and says which ones
-                state = kwargs.get("state") or {}
-                index = state.get("token_index")
+                context = kwargs.get("context")
+                index = context.token_index if context is not None else None
                 if not isinstance(index, torch.Tensor) or index.numel() != T:
                     raise RuntimeError(f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L}")
                 t = index.cpu().numpy()
@@ -129,6 +129,12 @@ def recording(model: nn.Module, record_outputs: bool = False) -> Iterator[Routin
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moekit MoE layers to trace (patch a Hugging Face model first)")
+    if record_outputs and any(moe.iterations > 1 for _, _, moe in layers):
+        raise ValueError(
+            "trace: record_outputs (out_absmax) recomputes each slot's expert output from the layer input, but a "
+            "Chain-of-Experts layer (moe_iterations > 1) feeds iteration t the previous iteration's output; "
+            "trace it without record_outputs"
+        )
     rec = RoutingRecorder(record_outputs=record_outputs)
     handles = [mod.register_forward_hook(rec.hook(idx), with_kwargs=True) for idx, _, mod in layers]
     try:
