@@ -99,7 +99,9 @@ class RoutingRecorder:
             probs = torch.softmax(logits, dim=-1)
             p_top1 = probs.amax(dim=-1)  # [T]
             ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
-            if self.record_outputs:
+            # out_absmax recomputes each slot's expert output from the layer input; a Chain-of-Experts layer
+            # feeds iteration t the previous iteration's output instead, so its slots stay NaN (not recorded)
+            if self.record_outputs and module.iterations == 1:
                 x = (args[0] if args else kwargs["x"]).reshape(T, -1)
                 absmax = expert_output_absmax(module.experts, x, routing).reshape(-1).cpu().numpy()
             else:
@@ -129,12 +131,6 @@ def recording(model: nn.Module, record_outputs: bool = False) -> Iterator[Routin
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moekit MoE layers to trace (patch a Hugging Face model first)")
-    if record_outputs and any(moe.iterations > 1 for _, _, moe in layers):
-        raise ValueError(
-            "trace: record_outputs (out_absmax) recomputes each slot's expert output from the layer input, but a "
-            "Chain-of-Experts layer (moe_iterations > 1) feeds iteration t the previous iteration's output; "
-            "trace it without record_outputs"
-        )
     rec = RoutingRecorder(record_outputs=record_outputs)
     handles = [mod.register_forward_hook(rec.hook(idx), with_kwargs=True) for idx, _, mod in layers]
     try:

@@ -2,7 +2,6 @@
 Capacity, the shared-expert gate, Hecto experts, checkpoints and tracing work as for a plain layer."""
 
 import numpy as np
-import pytest
 import torch
 
 from moekit.analyze.table import Trace
@@ -134,6 +133,6 @@ def test_analyze_traces_a_chain_model(tmp_path):
         out = model(batch)
     for layer in (0, 1):
         np.testing.assert_array_equal(tr.layer(layer).experts, out.routings[layer].expert_ids.numpy())
-    with pytest.raises(ValueError, match="Chain-of-Experts"):
-        capture(model, [(batch, {"label": ["a", "b"]})], tmp_path / "o.parquet", progress=False, record_outputs=True)
-    assert not (tmp_path / "o.parquet").exists()
+    # expert outputs are not recomputed for chain layers (iteration t's input is not the layer input): NaN
+    info = capture(model, [(batch, {"label": ["a", "b"]})], tmp_path / "o.parquet", progress=False, record_outputs=True)
+    assert Trace(info.path).sql("SELECT count(*) FROM trace WHERE NOT isnan(out_absmax)").fetchone()[0] == 0
