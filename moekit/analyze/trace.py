@@ -90,8 +90,8 @@ class RoutingRecorder:
             if T == B * L:
                 t = np.arange(T)
             else:  # a mixture-of-depths block routes a subset of the tokens and says which ones
-                state = kwargs.get("state") or {}
-                index = state.get("token_index")
+                context = kwargs.get("context")
+                index = context.token_index if context is not None else None
                 if not isinstance(index, torch.Tensor) or index.numel() != T:
                     raise RuntimeError(f"trace: layer {layer} routed {T} tokens, but the batch has {B}x{L}")
                 t = index.cpu().numpy()
@@ -99,7 +99,9 @@ class RoutingRecorder:
             probs = torch.softmax(logits, dim=-1)
             p_top1 = probs.amax(dim=-1)  # [T]
             ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
-            if self.record_outputs:
+            # out_absmax recomputes each slot's expert output from the layer input; a Chain-of-Experts layer
+            # feeds iteration t the previous iteration's output instead, so its slots stay NaN (not recorded)
+            if self.record_outputs and module.iterations == 1:
                 x = (args[0] if args else kwargs["x"]).reshape(T, -1)
                 absmax = expert_output_absmax(module.experts, x, routing).reshape(-1).cpu().numpy()
             else:

@@ -39,7 +39,7 @@ def survey_routers(
     names = routers or list_routers()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, dim, generator=g)
-    state = {"token_ids": torch.randint(0, 32_000, (tokens,), generator=g)}
+    token_ids = torch.randint(0, 32_000, (tokens,), generator=g)
     out = []
     for name in names:
         torch.manual_seed(seed)
@@ -51,7 +51,7 @@ def survey_routers(
         with torch.inference_mode():
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                _, routing = moe(x, state=state)
+                _, routing = moe(x, token_ids=token_ids)
                 times.append((time.perf_counter() - t0) * 1e3)
         s = routing.stats()
         out.append(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from moekit.hf.families import LOSS_ARGS, Family, activation_name, expert_activation, family_for_block, family_names
 from moekit.layers import MLP, Experts, MoE
-from moekit.routing import Routing, build_router, router_config
+from moekit.routing import Routing, RoutingContext, build_router, router_config
 from moekit.utils.deps import require
 
 
@@ -56,13 +56,14 @@ class PatchedMoE(nn.Module):
         self.__dict__["family"] = family
         self.__dict__["original"] = original
         self.__dict__["token_ids"] = None  # [B, L] ids of the current forward (set by a hook of `patch`)
+        self.__dict__["context"] = None  # the RoutingContext of those ids, built once per forward by the same hook
         self.last_routing: Routing | None = None
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """hidden_states: [B, L, D] (or [T, D]) -> same shape; records `last_routing`."""
         ids = self.token_ids
-        state = {"token_ids": ids} if ids is not None and ids.shape == hidden_states.shape[:-1] else None
-        y, routing = self.moe(hidden_states, state=state)
+        context = self.context if ids is not None and ids.shape == hidden_states.shape[:-1] else None
+        y, routing = self.moe(hidden_states, context=context)
         self.last_routing = routing
         recorded = _transformers_outputs()
         if recorded is not None and "router_logits" in recorded:
@@ -311,12 +312,16 @@ _HOOK = "_moekit_hf_token_ids_hook"
 
 
 def _record_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Give every patched layer this forward's `input_ids` [B, L] (routers that route by token id,
-    e.g. "hash", read them from `state["token_ids"]`)."""
+    """Give every patched layer this forward's `input_ids` [B, L] and one `RoutingContext` of them (routers
+    that route by token id, e.g. "hash", read `context.token_ids`)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
+    context = None
+    if ids is not None:
+        context = RoutingContext(seq_len=ids.shape[-1] if ids.dim() == 2 else None, token_ids=ids.reshape(-1))
     for layer in patched_layers(model):
         layer.__dict__["token_ids"] = ids
+        layer.__dict__["context"] = context
 
 
 def _restored_block(layer: PatchedMoE, config: Any, updates: dict[str, Any]) -> nn.Module:

@@ -15,10 +15,12 @@ where t_1 < t_2 < ... are the positions of one sequence routed to the GRU: its h
 only on its own tokens (sparse compute; causal, since y at t depends on routed tokens at <= t only).
 A token's output is sum over its routing slots of weight * expert output (k=2 may give it both).
 
-The GRU needs to know where sequences start, so the class is `sequence_aware`: `MoE` passes
-`seq_len` (rows are B sequences of seq_len consecutive tokens) and, for KV-cached generation, the
-LM's `KVCache` and block index; the GRU state is carried in `cache.states[(layer, "hecto_gru")]`
-([B, H]), so prefill + token-by-token decoding equals one full forward. The stored state keeps its
+The GRU needs to know where sequences start, so its `forward` takes the keywords `seq_len` (rows are
+B sequences of seq_len consecutive tokens) and, for KV-cached generation, `cache` and `layer` (the
+LM's `KVCache` and block index) and `iteration` (of a Chain-of-Experts layer); `MoE` passes the
+keywords an experts module names in its signature. The GRU state is carried in
+`cache.states[(layer, "hecto_gru")]` ([B, H]; `"hecto_gru.{t}"` for iteration t > 0), so prefill +
+token-by-token decoding equals one full forward. The stored state keeps its
 autograd graph, like the cache's keys and values. Route with any router, typically `topk` with k=1:
 `LMConfig(experts="hecto", num_experts=2, router="topk", router_args={"k": 1})`.
 """
@@ -36,7 +38,8 @@ from moekit.layers.film import check_experts_input
 from moekit.routing.routing import Routing
 from moekit.utils.checks import check_positive_ints, is_positive_int
 
-STATE_NAME = "hecto_gru"  # key name in `KVCache.states`: (layer, STATE_NAME) -> [B, H]
+# key name in `KVCache.states`: (layer, STATE_NAME) -> [B, H]; iteration t > 0 of a chain: f"{STATE_NAME}.{t}"
+STATE_NAME = "hecto_gru"
 
 
 class HectoExperts(nn.Module):
@@ -54,7 +57,7 @@ class HectoExperts(nn.Module):
     `gru_out [D, H]`.
     """
 
-    sequence_aware = True  # forward takes seq_len / cache / layer (see MoE.forward)
+    needs_full_sequence = True  # the GRU steps through each sequence (`seq_len` rows) in order
 
     def __init__(
         self, *, num_experts: int = 2, dim: int, hidden: int, activation: str = "silu", gru_hidden: int | None = None
@@ -92,13 +95,15 @@ class HectoExperts(nn.Module):
         seq_len: int | None = None,
         cache: Any = None,
         layer: int | None = None,
+        iteration: int = 0,
     ) -> Tensor:
         """x: [T, D], routing [T, k] over {0: FFN, 1: GRU} (-1: empty) -> [T, D].
 
         Rows are T // seq_len sequences of seq_len consecutive tokens (None: one sequence of T).
         With `cache` (anything with a `states` dict, e.g. `KVCache`) and `layer`, the GRU starts from
         `cache.states[(layer, "hecto_gru")]` [B, H] (zeros if absent) and stores its state after each
-        sequence's last routed token there (unchanged for a sequence with none routed in this call).
+        sequence's last routed token there (unchanged for a sequence with none routed in this call);
+        iteration t > 0 of a Chain-of-Experts layer keeps its own state, under "hecto_gru.{t}".
         """
         check_experts_input(self, x, routing)
         T = x.shape[0]
@@ -121,7 +126,7 @@ class HectoExperts(nn.Module):
         if tok0.numel():
             out = out.index_add(0, tok0, (self.ffn(x[tok0]) * w0[tok0].unsqueeze(-1)).to(out.dtype))
 
-        key = (layer, STATE_NAME)
+        key = (layer, STATE_NAME if iteration == 0 else f"{STATE_NAME}.{iteration}")
         h0 = self._initial_state(cache, key, B, x) if cache is not None else None
         mask = m1.any(dim=1).view(B, L)  # [B, L]: tokens routed to the GRU
         counts = mask.sum(dim=1)  # [B]

@@ -42,6 +42,8 @@ class SmearExperts(nn.Module):
         activation: "silu" | "gelu" | "gelu_tanh" | "relu".
     """
 
+    needs_full_sequence = True  # SMEAR merges the experts per example: whole sequences, not a subset of one
+
     def __init__(self, *, num_experts: int, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
         check_positive_ints("SmearExperts: ", num_experts=num_experts, dim=dim, hidden=hidden)

@@ -4,8 +4,9 @@
 is: "film" (MoFME feature-modulated experts), "smear" (SMEAR merged experts), "duo" (Duo-LLM big and
 small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `autonomy` router), "hecto"
 (Hecto GRU + FFN experts). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
-keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant with `sequence_aware = True`
-("hecto") also takes `seq_len`, `cache` and `layer` keywords, which `MoE` passes (see `MoE.forward`).
+keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant that needs more names the
+keywords in its signature ("hecto": `seq_len`, `cache`, `layer`, `iteration`), and `MoE` passes them
+(`moekit.layers.moe.EXPERTS_KEYWORDS`). A variant that needs whole sequences says `needs_full_sequence = True`.
 Every variant declares `flops_per_token(load [E], tokens) -> float`, its routed experts' forward FLOPs per
 token given the token-slots each expert processed (what `moekit.bench` counts as active expert compute).
 """

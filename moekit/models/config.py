@@ -99,12 +99,6 @@ class LMConfig:
             )
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"LMConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
-        if self.moe_iterations > 1 and (self.capacity_factor is not None or self.shared_gate):
-            raise ValueError(
-                "LMConfig.moe_iterations > 1 (Chain-of-Experts) supports neither capacity_factor nor shared_gate"
-            )
-        if self.moe_iterations > 1 and self.experts == "hecto":
-            raise ValueError("LMConfig: experts='hecto' keeps a recurrent state per layer; use moe_iterations=1")
         if self.share_blocks and (self.first_k_dense or self.moe_every != 1):
             raise ValueError("LMConfig.share_blocks=True (WideNet) needs first_k_dense=0 and moe_every=1")
         from moekit.layers.variants import EXPERTS_VARIANTS
@@ -139,17 +133,27 @@ class LMConfig:
                 f"{self.mod_every} > n_layers={self.n_layers} leaves none"
             )
         if c < 1 and self.num_experts:
-            # routers that need whole sequences or the previous layer's per-token state, and experts that keep
-            # a per-sequence recurrent state, do not fit a block that sees a varying subset of the tokens
-            needs_sequence = {"recurrent": "the previous layer's state per token", "smear": "whole sequences",
-                              "graph_of_tokens": "whole sequences"}
-            if self.router in needs_sequence:
+            # A mixture-of-depths block routes a varying subset of each sequence's tokens: parts that need whole
+            # sequences, or the previous layer's routing of the same tokens, say so (Router / experts attributes).
+            from moekit.layers.variants import EXPERTS_VARIANTS
+            from moekit.routing import get_router
+
+            router = get_router(self.router)
+            need = None
+            if getattr(router, "needs_full_sequence", False):
+                need = "whole sequences"
+            elif getattr(router, "needs_previous", False):
+                need = "the previous MoE layer's routing of the same tokens"
+            if need is not None:
                 raise ValueError(
-                    f"LMConfig: router {self.router!r} needs {needs_sequence[self.router]}, which a mixture-of-depths "
-                    "block (mod_capacity < 1) does not give it"
+                    f"LMConfig: router {self.router!r} needs {need}, which a mixture-of-depths block "
+                    "(mod_capacity < 1) does not give it"
                 )
-            if self.experts in ("hecto", "smear"):
-                raise ValueError(f"LMConfig: experts={self.experts!r} cannot be used with mod_capacity < 1")
+            if getattr(EXPERTS_VARIANTS.get(self.experts), "needs_full_sequence", False):
+                raise ValueError(
+                    f"LMConfig: experts={self.experts!r} needs whole sequences, which a mixture-of-depths block "
+                    "(mod_capacity < 1) does not give it"
+                )
 
     @property
     def head_dim(self) -> int:

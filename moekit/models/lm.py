@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers import MLP, MoE
-from moekit.layers.chain import ChainMoE
 from moekit.layers.variants import build_experts
 from moekit.models.config import LMConfig
 from moekit.models.depth import DepthRouter, gather_selected
-from moekit.routing import Routing, build_router
+from moekit.routing import Routing, RoutingContext, build_router
 
 
 def rope_tables(cfg: LMConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -155,17 +154,13 @@ def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
     shared = None
     if cfg.num_shared_experts:
         shared = MLP(dim=cfg.dim, hidden=cfg.num_shared_experts * cfg.expert_hidden, activation=cfg.activation)
-    if cfg.moe_iterations > 1:  # Chain-of-Experts: one router per iteration, experts shared
-        return ChainMoE(
-            routers=[
-                build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args)
-                for _ in range(cfg.moe_iterations)
-            ],
-            experts=routed_experts(cfg),
-            shared_experts=shared,
-        )
+    routers = [
+        build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args)
+        for _ in range(cfg.moe_iterations)
+    ]
     return MoE(
-        router=build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args),
+        # Chain-of-Experts (moe_iterations > 1): one router per iteration, the experts shared
+        router=routers if cfg.moe_iterations > 1 else routers[0],
         experts=routed_experts(cfg),
         shared_experts=shared,
         shared_gate=cfg.shared_gate,
@@ -200,23 +195,29 @@ class Block(nn.Module):
         object.__setattr__(self, "mlp", other.mlp)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict, selection: str = "topk"
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        context: RoutingContext,
+        selection: str = "topk",
     ) -> BlockOutput:
-        """x: [B, L, D], cos/sin [L, hd] of its positions -> BlockOutput. `selection` ("topk" | "causal") is
-        how a mixture-of-depths block picks its tokens."""
+        """x: [B, L, D], cos/sin [L, hd] of its positions, `context` what the routers may read about the B*L
+        tokens -> BlockOutput. `selection` ("topk" | "causal") is how a mixture-of-depths block picks its tokens."""
         if self.depth_router is not None:
-            return self._forward_depth(x, cos, sin, cache, state, selection)
+            return self._forward_depth(x, cos, sin, cache, context, selection)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer)
-        y, routing = self._ffn(self.post_attention_layernorm(x), state, cache)
+        y, routing = self._ffn(self.post_attention_layernorm(x), context, cache)
         return BlockOutput(x + y, routing)
 
-    def _ffn(self, h: Tensor, state: dict, cache: KVCache | None) -> tuple[Tensor, Routing | None]:
-        if isinstance(self.mlp, MoE | ChainMoE):
-            return self.mlp(h, state={**state, "layer": self.layer, "cache": cache})
+    def _ffn(self, h: Tensor, context: RoutingContext, cache: KVCache | None) -> tuple[Tensor, Routing | None]:
+        if isinstance(self.mlp, MoE):
+            return self.mlp(h, context=context, cache=cache, layer=self.layer)
         return self.mlp(h), None
 
     def _forward_depth(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, state: dict, selection: str
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, context: RoutingContext, selection: str
     ) -> BlockOutput:
         """Mixture-of-depths: attention and feed-forward over the selected tokens only, their update scaled by
         the router's gate and added back; the other tokens pass unchanged."""
@@ -230,18 +231,21 @@ class Block(nn.Module):
         xs = x.gather(1, take)  # [B, K, D]
         a = self.self_attn.forward_subset(self.input_layernorm(xs), cos[idx], sin[idx], valid, cache, self.layer)
         h = self.post_attention_layernorm(xs + a)
-        sub = {k: v for k, v in state.items() if k not in ("token_ids", "prev")}
-        ids = state.get("token_ids")
+        # The routers see the selected tokens only: their ids and rows in the [B*L] batch (for traces); no
+        # previous layer's routing (it covers other tokens).
+        ids = context.token_ids.view(B, L) if context.token_ids is not None else None
         flat_index = torch.arange(B, device=x.device)[:, None] * L + idx  # [B, K]: row in the [B*L] batch
         if bool(valid.all()):  # top-k selection: the same count in every sequence, a [B, K] batch
-            if ids is not None:
-                sub["token_ids"] = ids.gather(1, idx)
-            sub["token_index"] = flat_index.reshape(-1)  # which of the B*L tokens each routed row is (for traces)
+            sub = replace(
+                context, seq_len=K, previous=None, token_index=flat_index.reshape(-1),
+                token_ids=ids.gather(1, idx).reshape(-1) if ids is not None else None,
+            )
             y, routing = self._ffn(h, sub, cache)
         else:  # the valid tokens only, flattened to [N, D]
-            if ids is not None:
-                sub["token_ids"] = ids.gather(1, idx)[valid]
-            sub["token_index"] = flat_index[valid]
+            sub = replace(
+                context, seq_len=None, previous=None, token_index=flat_index[valid],
+                token_ids=ids.gather(1, idx)[valid] if ids is not None else None,
+            )
             y_valid, routing = self._ffn(h[valid], sub, cache)
             y = h.new_zeros(B, K, D)
             y[valid] = y_valid
@@ -336,19 +340,19 @@ class MoELM(nn.Module):
             raise ValueError("MoELM: top-k depth selection is not causal; a KV-cached forward needs 'causal'")
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]
         x = self.embed_tokens(input_ids)  # [B, L, D]
-        state = {"token_ids": input_ids}
+        context = RoutingContext(seq_len=L, token_ids=input_ids.reshape(-1))  # one per forward, shared by the layers
         routings: list[Routing | None] = []
         depth: list[Tensor | None] = []
         aux = []
         for block in self.layers:
-            o = block(x, cos, sin, cache, state, depth_selection)
+            o = block(x, cos, sin, cache, context, depth_selection)
             x = o.x
             routings.append(o.routing)
             depth.append(o.selected)
             if o.depth_aux is not None:
                 aux.append(o.depth_aux)
-            if o.routing is not None and o.routing.state is not None:
-                state = {**state, "prev": o.routing.state}
+            if o.routing is not None and o.routing.state is not None:  # a recurrent router's state, for the next
+                context = replace(context, previous=o.routing)
         if cache is not None:
             cache.length += L
         logits = self.lm_head(self.norm(x))  # [B, L, V]

@@ -38,6 +38,7 @@ def count_params(cfg: LMConfig, experts_per_token: float | None = None) -> Param
 
     experts_per_token: measured experts per token, the mean over MoE layers (of `EvalResult.experts_per_token`,
     logged in a run's eval.jsonl); without it each MoE layer counts its router's nominal k."""
+    from moekit.layers.moe import MoE
     from moekit.models.lm import MoELM
 
     with torch.device("meta"):
@@ -56,17 +57,12 @@ def count_params(cfg: LMConfig, experts_per_token: float | None = None) -> Param
     experts_total = experts_active = 0
     variable = False
     for mod in model.modules():
-        experts = getattr(mod, "experts", None)
-        if experts is None or experts is mod or not isinstance(experts, torch.nn.Module):
+        if not isinstance(mod, MoE):
             continue
-        routers = [getattr(mod, "router", None)] + list(getattr(mod, "routers", []) or [])
-        router = next((r for r in routers if r is not None), None)
+        experts, router = mod.experts, mod.router  # a Chain-of-Experts layer: its first iteration's router
         n = numel(experts.parameters())
         E = getattr(experts, "num_experts", cfg.num_experts) or 1
         experts_total += n
-        if router is None:
-            experts_active += n
-            continue
         variable |= bool(getattr(router, "variable_k", False))
         k = experts_per_token if experts_per_token is not None else getattr(router, "nominal_k", 1)
         experts_active += int(n * min(1.0, k / E))

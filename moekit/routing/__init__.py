@@ -1,6 +1,9 @@
 """Routers (one per file), their base class `Router`, the `Routing` contract, the registry and the auxiliary
 losses."""
 
+import importlib
+import pkgutil
+
 from moekit.routing.base import Router
 from moekit.routing.registry import (
     build_router,
@@ -10,32 +13,18 @@ from moekit.routing.registry import (
     router_config,
     router_from_config,
 )
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
-# Built-in routers register themselves on import.
-from moekit.routing import topk  # noqa: E402,F401  isort: skip
-from moekit.routing import switch  # noqa: E402,F401  isort: skip
-from moekit.routing import expert_choice  # noqa: E402,F401  isort: skip
-from moekit.routing import deepseek  # noqa: E402,F401  isort: skip
-from moekit.routing import topp  # noqa: E402,F401  isort: skip
-from moekit.routing import null_experts  # noqa: E402,F401  isort: skip
-from moekit.routing import hash  # noqa: E402,F401  isort: skip
-from moekit.routing import random_router  # noqa: E402,F401  isort: skip
-from moekit.routing import attention  # noqa: E402,F401  isort: skip
-from moekit.routing import recurrent  # noqa: E402,F401  isort: skip
-from moekit.routing import mixture_of_routers  # noqa: E402,F401  isort: skip
-from moekit.routing import stochastic  # noqa: E402,F401  isort: skip
-from moekit.routing import smoe_dropout  # noqa: E402,F401  isort: skip
-from moekit.routing import moec  # noqa: E402,F401  isort: skip
-from moekit.routing import graph_of_tokens  # noqa: E402,F401  isort: skip
-from moekit.routing import prototype  # noqa: E402,F401  isort: skip
-from moekit.routing import uncertainty  # noqa: E402,F401  isort: skip
-from moekit.routing import smear  # noqa: E402,F401  isort: skip
-from moekit.routing import autonomy  # noqa: E402,F401  isort: skip
+# Every module of the package is imported, so each router registers itself: adding a router is adding
+# its file (no list to edit here).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+del _module
 
 __all__ = [
     "Router",
     "Routing",
+    "RoutingContext",
     "build_router",
     "get_router",
     "list_routers",

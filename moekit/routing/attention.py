@@ -18,10 +18,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_logits, seq_len_of, softmax_top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("attention")
@@ -50,32 +50,26 @@ class AttentionRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
-        check_k(k, num_experts, "AttentionRouter")
-        self.k = k
+        super().__init__(dim=dim, num_experts=num_experts, k=k, losses=dict(load_balance=load_balance, z_loss=z_loss))
         self.normalize = normalize
         self.query_key_value = nn.Linear(dim, 3 * num_experts, bias=False)
         nn.init.normal_(self.query_key_value.weight, std=1.0 / math.sqrt(dim))
 
     def scores(self, x: Tensor) -> Tensor:
         """x: [T, D] -> s [T, E] = softmax(q k^T) v per token (float32)."""
-        check_input(x, self.dim, type(self).__name__)
-        qkv = self.query_key_value(x.to(self.query_key_value.weight.dtype)).float()  # [T, 3E]
+        qkv = self.query_key_value(self.checked_input(x, self.query_key_value.weight)).float()  # [T, 3E]
         q, k, v = qkv.chunk(3, dim=-1)  # [T, E] each
         attn = torch.softmax(q.unsqueeze(-1) * k.unsqueeze(-2), dim=-1)  # [T, E, 1] x [T, 1, E] -> [T, E, E]
         s = torch.bmm(attn, v.unsqueeze(-1)).squeeze(-1)  # [T, E, E] x [T, E, 1] -> [T, E]
-        check_logits(s, type(self).__name__)
+        check_logits(s, self.who)
         return s
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
         logits = self.scores(x)  # [T, E]
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = torch.topk(probs, self.k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, ids = softmax_top_k(logits, self.k, normalize=self.normalize)  # [T, E], [T, k], [T, k]
         aux = balance_losses(
             probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss,
-            seq_len=seq_len_of(state),
+            seq_len=seq_len_of(context),
         )
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)

@@ -21,10 +21,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_logits, seq_len_of, softmax_top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import check_positive_ints
 
 
@@ -43,24 +43,19 @@ class AutonomyRouter(Router):
     """
 
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, rank: int = 16, load_balance: float = 1e-2) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance))
-        check_k(k, num_experts, "AutonomyRouter")
-        check_positive_ints("AutonomyRouter: ", rank=rank)
-        self.k = k
+        super().__init__(dim=dim, num_experts=num_experts, k=k, losses=dict(load_balance=load_balance))
+        check_positive_ints(f"{self.who}: ", rank=rank)
         self.rank = rank
         self.factor_a = nn.Parameter(torch.randn(num_experts, rank, dim) / math.sqrt(dim))
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E], meta["latent"] [T, k, r]."""
-        check_input(x, self.dim, type(self).__name__)
-        z = torch.einsum("td,erd->ter", x.to(self.factor_a.dtype), self.factor_a)  # [T, E, r]
+        z = torch.einsum("td,erd->ter", self.checked_input(x, self.factor_a), self.factor_a)  # [T, E, r]
         logits = z.float().norm(dim=-1)  # [T, E]
-        check_logits(logits, type(self).__name__)
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = torch.topk(probs, self.k, dim=-1)  # [T, k]
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        check_logits(logits, self.who)
+        probs, weights, ids = softmax_top_k(logits, self.k, normalize=True)  # [T, E], [T, k], [T, k]
         latent = z.gather(1, ids.unsqueeze(-1).expand(-1, -1, self.rank))  # [T, k, r]
         aux = balance_losses(
-            probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(state),
+            probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(context),
         )
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux, meta={"latent": latent})

@@ -1,4 +1,5 @@
-"""Pieces every router uses: input and logit checks, the linear gate, the config round trip.
+"""Pieces every router uses: input and logit checks, argument checks, the softmax -> top-k -> renormalise
+step, the linear gate, the capabilities generic code asks about, the config round trip.
 
 Routers subclass `Router` only for these helpers (and `nn.Module`); the algorithm lives in each
 router's own file.
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.routing.registry import router_config
+from moekit.routing.routing import RoutingContext
 from moekit.utils.checks import check_positive_ints, is_positive_int
 
 
@@ -65,11 +67,48 @@ def check_nonnegative(who: str, **values: Any) -> None:
             raise ValueError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
 
 
-def seq_len_of(state: dict | None) -> int | None:
-    """The sequence length the caller put in `state` (the MoE layer does for [B, L, D] inputs)."""
-    if isinstance(state, dict):
-        return state.get("seq_len")
-    return None
+def check_int(who: str, **values: Any) -> None:
+    """Raise ValueError unless every value is an int (bools are not numbers)."""
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{who}: {name} must be an integer, got {v!r}")
+
+
+def check_positive(who: str, **values: Any) -> None:
+    """Raise ValueError unless every value is a real number > 0 (bools are not numbers)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ValueError(f"{who}: {name} must be > 0, got {v!r}")
+
+
+def seq_len_of(context: RoutingContext | None) -> int | None:
+    """The sequence length of the rows (`MoE` sets it for [B, L, D] inputs), or None."""
+    return context.seq_len if context is not None else None
+
+
+def renormalize(weights: Tensor, eps: float = 1e-20) -> Tensor:
+    """weights [T, k] divided by their row sums; a row summing to less than `eps` (every slot empty or
+    underflowed) is divided by `eps` instead of giving NaN. Where the sum is >= eps the result is exactly
+    `weights / weights.sum(-1, keepdim=True)`. Routers call it on float32 weights (`eps` must be
+    representable in the weights' dtype)."""
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def top_k(probs: Tensor, k: int, *, normalize: bool) -> tuple[Tensor, Tensor]:
+    """probs [T, E] -> (weights [T, k], expert ids [T, k]) of the k largest, rescaled to sum 1 per row
+    when `normalize` (`renormalize`)."""
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = renormalize(weights)
+    return weights, ids
+
+
+def softmax_top_k(logits: Tensor, k: int, *, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax -> top-k -> renormalise step: logits [T, E] -> (probs [T, E] float32, weights [T, k]
+    float32, expert ids [T, k]). `probs` (over all E) is what the balance losses read."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = top_k(probs, k, normalize=normalize)
+    return probs, weights, ids
 
 
 def jitter(x: Tensor, eps: float) -> Tensor:
@@ -84,24 +123,38 @@ class Router(nn.Module):
     the base validates every one (a finite number >= 0) and stores it as an attribute of that name,
     so no router checks its coefficients by hand. `loss_names` lists them.
 
-    Class attributes routers override to say what they do (generic code asks these, never names):
+    `k`, when given, is checked (an integer in [1, num_experts]) and stored as `self.k`.
+
+    Class attributes routers override to say what they need and do (generic code asks these, never names):
         variable_k: the number of experts per token varies by token (top-p, null experts, expert
             choice); `nominal_k` is then a bound or an average, not what every token uses.
+        needs_full_sequence: the router reads whole sequences (`RoutingContext.seq_len` must describe
+            its rows: smear, graph of tokens), so it cannot route a subset of a sequence's tokens.
+        needs_previous: the router reads the previous MoE layer's routing of the same tokens
+            (`RoutingContext.previous`: the recurrent router's GRU state).
+        needs_token_ids: the router routes by token id (`RoutingContext.token_ids`: hash).
     """
 
     variable_k: bool = False
+    needs_full_sequence: bool = False
+    needs_previous: bool = False
+    needs_token_ids: bool = False
 
     def __init__(
         self,
         *,
         dim: int,
         num_experts: int,
+        k: int | None = None,
         gate_outputs: int | None = None,
         losses: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        who = type(self).__name__
+        who = self.who
         check_positive_ints(f"{who}: ", dim=dim, num_experts=num_experts)
+        if k is not None:
+            check_k(k, num_experts, who)
+            self.k = k
         losses = dict(losses or {})
         check_nonnegative(who, **losses)
         self.dim = dim
@@ -114,17 +167,27 @@ class Router(nn.Module):
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
 
     @property
+    def who(self) -> str:
+        """The class name, for error messages."""
+        return type(self).__name__
+
+    @property
     def nominal_k(self) -> int:
         """Experts per token this router asks for at inference (its `k`; 1 for routers without one).
         Routers whose k is not an attribute `k` override it; for variable-k routers it is a bound."""
         k = getattr(self, "k", None)
         return k if is_positive_int(k) else 1
 
+    def checked_input(self, x: Tensor, like: Tensor) -> Tensor:
+        """x checked to be [T, D] floating (`check_input`), in the dtype of the parameter `like`
+        (routers compute in their own weights' dtype; the weights they return go back to x's)."""
+        check_input(x, self.dim, self.who)
+        return x.to(like.dtype)
+
     def gate_logits(self, x: Tensor) -> Tensor:
         """[T, D] -> [T, E] raw scores of the linear gate, checked for NaN/inf."""
-        check_input(x, self.dim, type(self).__name__)
-        logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)
-        check_logits(logits, type(self).__name__)
+        logits = torch.nn.functional.linear(self.checked_input(x, self.weight), self.weight)
+        check_logits(logits, self.who)
         return logits
 
     def config(self) -> dict[str, Any]:

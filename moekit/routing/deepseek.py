@@ -22,14 +22,14 @@ from moekit.routing.base import (
     Router,
     check_choice,
     check_input,
-    check_k,
     check_logits,
     check_nonnegative,
+    check_positive,
     seq_len_of,
 )
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 SCORINGS = ("sigmoid", "softmax")
 GROUP_SCORES = ("top2_sum", "max")
@@ -55,7 +55,7 @@ class DeepSeekRouter(Router):
             loads counted over this call's tokens. Under data parallelism the loads are per rank.
         load_balance: coefficient of the Switch/DeepSeekMoE expert-level balance loss.
         seq_balance: coefficient of the V3 sequence-wise balance loss (V3: 1e-4); needs the sequence
-            length (state["seq_len"], set by the MoE layer for [B, L, D] input).
+            length (`RoutingContext.seq_len`, set by the MoE layer for [B, L, D] input).
         z_loss: coefficient of the ST-MoE router z-loss.
 
     The losses use probabilities p = s / sum_j s_j (identical to s for softmax scoring).
@@ -82,11 +82,10 @@ class DeepSeekRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
         )
-        who = "DeepSeekRouter"
-        check_k(k, num_experts, who)
+        who = self.who
         check_choice(scoring, SCORINGS, "scoring", who)
         check_choice(group_score, GROUP_SCORES, "group_score", who)
         if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group:
@@ -103,10 +102,8 @@ class DeepSeekRouter(Router):
                 f"{who}: k={k} exceeds the experts of the kept groups, topk_group * num_experts / n_group "
                 f"= {topk_group * (num_experts // n_group)}"
             )
-        if not routed_scaling_factor > 0:
-            raise ValueError(f"{who}: routed_scaling_factor must be > 0, got {routed_scaling_factor!r}")
+        check_positive(who, routed_scaling_factor=routed_scaling_factor)
         check_nonnegative(who, bias_update_rate=bias_update_rate)
-        self.k = k
         self.scoring = scoring
         self.n_group = n_group
         self.topk_group = topk_group
@@ -143,9 +140,9 @@ class DeepSeekRouter(Router):
         # sorted=False as transformers: the same slot order, so the normaliser adds the same way
         return torch.topk(choice, self.k, dim=-1, sorted=False).indices  # [T, k]
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E] (float32)."""
-        who = type(self).__name__
+        who = self.who
         check_input(x, self.dim, who)
         logits = torch.nn.functional.linear(x.float(), self.weight.float())  # [T, E], float32 as V3
         check_logits(logits, who)
@@ -156,6 +153,7 @@ class DeepSeekRouter(Router):
         ids = self.select(scores)  # [T, k]
         weights = scores.gather(1, ids)  # [T, k], original scores: the bias never enters
         if self.norm_topk_prob:
+            # + 1e-20 rather than `renormalize`: transformers' DeepseekV3TopkRouter adds it (bit parity)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         aux: dict[str, Tensor] = {}
@@ -164,7 +162,7 @@ class DeepSeekRouter(Router):
             aux = balance_losses(
                 probs, logits, ids,
                 load_balance=self.load_balance, seq_balance=self.seq_balance, z=self.z_loss,
-                seq_len=seq_len_of(state),
+                seq_len=seq_len_of(context),
             )
         if self.training and self.bias_update_rate:
             self.update_bias(ids)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_k
+from moekit.routing.base import Router, check_positive
 from moekit.routing.capacity import expert_capacity
 from moekit.routing.losses import z_loss as z_loss_fn
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("expert_choice")
@@ -50,15 +50,13 @@ class ExpertChoiceRouter(Router):
         capacity_factor: float = 1.0,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts, losses=dict(z_loss=z_loss))
-        who = "ExpertChoiceRouter"
-        check_k(k, num_experts, who)
-        if not (isinstance(capacity_factor, int | float) and capacity_factor > 0):
-            raise ValueError(f"{who}: capacity_factor must be > 0, got {capacity_factor!r}")
-        self.k = k
+        super().__init__(
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts, losses=dict(z_loss=z_loss)
+        )
+        check_positive(self.who, capacity_factor=capacity_factor)
         self.capacity_factor = capacity_factor
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, kmax], logits [T, E]."""
         logits = self.gate_logits(x)  # [T, E]
         T, E = logits.shape

@@ -8,7 +8,7 @@ MoE (S-MoE) uses the router's own scores as token features:
     z = W x [T, E],   A_ij = softmax_j( z_i . z_j / (tau sqrt(E)) ),   P~ = A softmax(z),
     ids = top-k(P~),  weights = P~_ids (renormalised).
 
-moekit builds the graph within each sequence (`state["seq_len"]`, set by the MoE layer for [B, L, D]
+moekit builds the graph within each sequence (`RoutingContext.seq_len`, set by the MoE layer for [B, L, D]
 input; a [T, D] input without it is one sequence) and, for causal language models, only over
 earlier tokens (`causal=True`), so routing never reads the future. Cost O(L^2 E) per sequence.
 """
@@ -20,10 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_k, seq_len_of
+from moekit.routing.base import Router, check_positive, seq_len_of, top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 def token_graph(z: Tensor, seq_len: int, temperature: float, causal: bool) -> Tensor:
@@ -60,6 +60,8 @@ class GraphOfTokensRouter(Router):
     Logits are the raw scores W x [T, E]; `meta["smoothed"]` holds P~ [T, E].
     """
 
+    needs_full_sequence = True  # the token graph spans each sequence of `context.seq_len` rows
+
     def __init__(
         self,
         *,
@@ -73,31 +75,25 @@ class GraphOfTokensRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, z_loss=z_loss),
         )
-        who = "GraphOfTokensRouter"
-        check_k(k, num_experts, who)
-        if not (isinstance(temperature, int | float) and temperature > 0):
-            raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}")
-        self.k = k
+        check_positive(self.who, temperature=temperature)
         self.temperature = temperature
         self.causal = causal
         self.normalize = normalize
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
         logits = self.gate_logits(x).float()  # [T, E]
         T = logits.shape[0]
-        L = seq_len_of(state) or T
+        L = seq_len_of(context) or T
         if T % L:
-            raise ValueError(f"GraphOfTokensRouter: T={T} tokens is not a multiple of state['seq_len']={L}")
+            raise ValueError(f"{self.who}: T={T} tokens is not a multiple of context.seq_len={L}")
         A = token_graph(logits, L, self.temperature, self.causal)  # [B, L, L]
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         smoothed = torch.bmm(A, probs.reshape(T // L, L, -1)).reshape(T, -1)  # [B, L, L] x [B, L, E] -> [T, E]
-        weights, ids = torch.topk(smoothed, self.k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, ids = top_k(smoothed, self.k, normalize=self.normalize)  # [T, k]
         aux = balance_losses(
             smoothed, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss, seq_len=L,
         )

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_input, check_k
+from moekit.routing.base import Router, check_input, check_int
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 _MASK32 = 0xFFFFFFFF
 
@@ -50,35 +50,35 @@ class HashRouter(Router):
         k: distinct experts per token.
         seed: selects the hash function (a different seed, a different random assignment).
 
-    Needs `state={"token_ids": LongTensor [T]}` (the MoE layer flattens [B, L] ids). Logits are the
+    Needs `RoutingContext.token_ids` [T] (`MoE.forward(x, token_ids=...)` flattens [B, L] ids). Logits are the
     0/1 indicator [T, E] of the chosen experts (there are no scores).
     """
 
+    needs_token_ids = True
+
     def __init__(self, *, dim: int, num_experts: int, k: int = 1, seed: int = 0) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
-        check_k(k, num_experts, "HashRouter")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"HashRouter: seed must be an integer, got {seed!r}")
-        self.k = k
+        super().__init__(dim=dim, num_experts=num_experts, k=k)
+        check_int(self.who, seed=seed)
         self.seed = seed
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
-        """x: [T, D], state["token_ids"]: [T] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
-        check_input(x, self.dim, "HashRouter", finite=True)
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
+        """x: [T, D], context.token_ids: [T] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
+        who = self.who
+        check_input(x, self.dim, who, finite=True)
         T = x.shape[0]
-        token_ids = state.get("token_ids") if isinstance(state, dict) else None
+        token_ids = context.token_ids if context is not None else None
         if token_ids is None:
             raise ValueError(
-                "HashRouter routes by token id: pass state={'token_ids': LongTensor [T]} "
-                "(to MoE.forward: [B, L] ids matching the [B, L, D] input)"
+                f"{who} routes by token id: pass context=RoutingContext(token_ids=LongTensor [T]) "
+                "(to MoE.forward: token_ids=[B, L] ids matching the [B, L, D] input)"
             )
         if not isinstance(token_ids, Tensor) or token_ids.dtype.is_floating_point or token_ids.is_complex():
-            raise TypeError(f"HashRouter: state['token_ids'] must be an integer tensor, got {token_ids!r}")
+            raise TypeError(f"{who}: context.token_ids must be an integer tensor, got {token_ids!r}")
         token_ids = token_ids.reshape(-1).to(x.device)
         if token_ids.numel() != T:
-            raise ValueError(f"HashRouter: got {token_ids.numel()} token ids for {T} tokens")
+            raise ValueError(f"{who}: got {token_ids.numel()} token ids for {T} tokens")
         if T and int(token_ids.min()) < 0:
-            raise ValueError(f"HashRouter: token ids must be >= 0, found {int(token_ids.min())}")
+            raise ValueError(f"{who}: token ids must be >= 0, found {int(token_ids.min())}")
         ids = hash_experts(token_ids, self.num_experts, self.k, self.seed)  # [T, k]
         weights = torch.full((T, self.k), 1.0 / self.k, dtype=x.dtype, device=x.device)
         logits = torch.zeros(T, self.num_experts, dtype=x.dtype, device=x.device).scatter_(1, ids, 1.0)

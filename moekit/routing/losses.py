@@ -92,7 +92,7 @@ def balance_losses(
     if seq_balance:
         if seq_len is None:
             raise ValueError(
-                "seq_balance > 0 needs the sequence length: pass state={'seq_len': L} or give the MoE "
+                "seq_balance > 0 needs the sequence length: pass context=RoutingContext(seq_len=L) or give the MoE "
                 "layer a [B, L, D] input"
             )
         aux["seq_balance"] = seq_balance * sequence_load_balance_loss(probs, expert_ids, seq_len)

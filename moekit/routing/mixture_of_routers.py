@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_k, check_logits, renormalize, seq_len_of
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import check_positive_ints
 
 
@@ -53,13 +53,11 @@ class MixtureOfRoutersRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
-        who = "MixtureOfRoutersRouter"
-        check_k(k, num_experts, who)
+        super().__init__(dim=dim, num_experts=num_experts, k=k, losses=dict(load_balance=load_balance, z_loss=z_loss))
+        who = self.who
         check_positive_ints(f"{who}: ", num_routers=num_routers)
         if router_k is not None:
-            check_k(router_k, num_experts, who)
-        self.k = k
+            check_k(router_k, num_experts, f"{who} (router_k)")
         self.num_routers = num_routers
         self.router_k = router_k
         self.sub_weight = nn.Parameter(torch.empty(num_routers, num_experts, dim))
@@ -67,11 +65,10 @@ class MixtureOfRoutersRouter(Router):
         nn.init.normal_(self.sub_weight, std=1.0 / math.sqrt(dim))
         nn.init.normal_(self.main_weight, std=1.0 / math.sqrt(dim))
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
-        who = type(self).__name__
-        check_input(x, self.dim, who)
-        xf = x.to(self.sub_weight.dtype)
+        who = self.who
+        xf = self.checked_input(x, self.sub_weight)
         sub_logits = torch.einsum("td,red->tre", xf, self.sub_weight).float()  # [T, R, E]
         check_logits(sub_logits, who)
         main = torch.softmax(torch.nn.functional.linear(xf, self.main_weight).float(), dim=-1)  # [T, R]
@@ -87,12 +84,11 @@ class MixtureOfRoutersRouter(Router):
         dense = (main.unsqueeze(-1) * sub_probs).sum(dim=1)  # [T, E], rows sum to 1
         # A token whose proposals cover fewer than k experts fills the rest from the dense scores.
         ids = torch.topk(score + 1e-9 * dense, self.k, dim=-1).indices  # [T, k]
-        weights = score.gather(1, ids)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        weights = renormalize(score.gather(1, ids))  # [T, k]
         logits = torch.log(dense.clamp_min(1e-20))  # [T, E]
         aux = balance_losses(
             dense, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0,
-            seq_len=seq_len_of(state),
+            seq_len=seq_len_of(context),
         )
         if self.z_loss:
             aux["z_loss"] = self.z_loss * torch.logsumexp(sub_logits, dim=-1).square().mean()

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_k, seq_len_of
+from moekit.routing.base import Router, renormalize, seq_len_of
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 def cluster_variance_loss(probs: Tensor, cluster_size: int) -> Tensor:
@@ -73,11 +73,10 @@ class MoECRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(variance_loss=variance_loss, load_balance=load_balance, z_loss=z_loss),
         )
-        who = "MoECRouter"
-        check_k(k, num_experts, who)
+        who = self.who
         if not isinstance(cluster_size, int) or cluster_size < 1 or num_experts % cluster_size:
             raise ValueError(
                 f"{who}: cluster_size must be a positive integer dividing num_experts={num_experts}, "
@@ -85,7 +84,6 @@ class MoECRouter(Router):
             )
         if not 0 <= expert_dropout < 1:
             raise ValueError(f"{who}: expert_dropout must be in [0, 1), got {expert_dropout!r}")
-        self.k = k
         self.cluster_size = cluster_size
         self.expert_dropout = expert_dropout
         self.normalize = normalize
@@ -116,7 +114,7 @@ class MoECRouter(Router):
             taken[valid, new[valid]] = True
         return out, rerouted
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
         logits = self.gate_logits(x)  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)
@@ -128,10 +126,10 @@ class MoECRouter(Router):
         empty = ids < 0
         weights = probs.gather(1, ids.clamp_min(0)).masked_fill(empty, 0.0)  # [T, k]
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            weights = renormalize(weights)
         aux = balance_losses(
             probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss,
-            seq_len=seq_len_of(state),
+            seq_len=seq_len_of(context),
         )
         if self.variance_loss and self.cluster_size > 1:
             aux["cluster_variance"] = self.variance_loss * cluster_variance_loss(probs, self.cluster_size)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router
+from moekit.routing.base import Router, softmax_top_k
 from moekit.routing.losses import expert_fraction
 from moekit.routing.losses import z_loss as z_loss_fn
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import check_positive_ints
 
 
@@ -70,7 +70,7 @@ class NullExpertsRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        who = "NullExpertsRouter"
+        who = type(self).__name__
         check_positive_ints(f"{who}: ", num_null=num_null)
         super().__init__(
             dim=dim, num_experts=num_experts, gate_outputs=num_experts + num_null,
@@ -83,13 +83,10 @@ class NullExpertsRouter(Router):
         self.k = k
         self.normalize = normalize
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E + N]."""
         logits = self.gate_logits(x)  # [T, E + N]
-        probs = torch.softmax(logits.float(), dim=-1)  # [T, E + N]
-        weights, ids = torch.topk(probs, self.k, dim=-1)  # [T, k] over real and null experts
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, ids = softmax_top_k(logits, self.k, normalize=self.normalize)  # [T, E + N]; [T, k] over both
         is_null = ids >= self.num_experts  # [T, k]
         zero = torch.zeros((), device=weights.device, dtype=weights.dtype)
         aux: dict[str, Tensor] = {}

@@ -16,7 +16,7 @@ should be close to its prototype (intra-expert coherence) and far from the other
 first choice is e, RCL = mean_e -log softmax_j(cos(c_e, P_j) / tau)_e over the experts that received
 tokens (an InfoNCE with the own prototype as positive, the others as negatives).
 
-Unconditional tokens are marked by `state["uncond"]`, a bool tensor [T] (or [B, L] through the MoE
+Unconditional tokens are marked by `RoutingContext.uncond`, a bool tensor [T] (or [B, L] through the MoE
 layer); the last `num_uncond` experts serve them (scored by their own prototypes). Without the mask
 every token is conditional. In a language model there is no unconditional pass, so the split is off
 by default (num_uncond=0).
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_k, check_logits, check_positive, renormalize, seq_len_of
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import is_positive_int
 
 
@@ -90,14 +90,13 @@ class PrototypeRouter(Router):
         super().__init__(
             dim=dim, num_experts=num_experts, losses=dict(contrastive=contrastive, load_balance=load_balance),
         )
-        who = "PrototypeRouter"
+        who = self.who
         if not isinstance(num_uncond, int) or isinstance(num_uncond, bool) or not 0 <= num_uncond < num_experts:
             raise ValueError(f"{who}: num_uncond must be an integer in [0, num_experts), got {num_uncond!r}")
         check_k(k, num_experts - num_uncond, f"{who} (k over the conditional experts)")
         if proto_dim is not None and not is_positive_int(proto_dim):
             raise ValueError(f"{who}: proto_dim must be None or a positive integer, got {proto_dim!r}")
-        if not (isinstance(temperature, int | float) and temperature > 0):
-            raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}")
+        check_positive(who, temperature=temperature)
         self.k = k
         self.proto_dim = proto_dim
         self.temperature = temperature
@@ -109,21 +108,20 @@ class PrototypeRouter(Router):
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(dim))
         nn.init.normal_(self.prototypes, std=1.0)
 
-    def uncond_mask(self, state: dict | None, T: int, device: torch.device) -> Tensor | None:
-        """Bool [T] of unconditional tokens from state["uncond"], or None."""
-        m = state.get("uncond") if isinstance(state, dict) else None
+    def uncond_mask(self, context: RoutingContext | None, T: int, device: torch.device) -> Tensor | None:
+        """Bool [T] of unconditional tokens from context.uncond, or None."""
+        m = context.uncond if context is not None else None
         if m is None or not self.num_uncond:
             return None
         m = torch.as_tensor(m, device=device).reshape(-1).bool()
         if m.numel() != T:
-            raise ValueError(f"PrototypeRouter: state['uncond'] must hold one flag per token ({T}), got {m.numel()}")
+            raise ValueError(f"{self.who}: context.uncond must hold one flag per token ({T}), got {m.numel()}")
         return m
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E] (cosine / tau)."""
-        who = type(self).__name__
-        check_input(x, self.dim, who)
-        z = self.proj(x.to(self.proj.weight.dtype)).float()  # [T, P]
+        who = self.who
+        z = self.proj(self.checked_input(x, self.proj.weight)).float()  # [T, P]
         logits = F.normalize(z, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t() / self.temperature
         check_logits(logits, who)  # [T, E]
         T, E = logits.shape
@@ -131,7 +129,7 @@ class PrototypeRouter(Router):
         allowed = torch.ones(T, E, dtype=torch.bool, device=x.device)
         if self.num_uncond:
             allowed[:, C:] = False  # conditional tokens: routed experts only
-            uncond = self.uncond_mask(state, T, x.device)
+            uncond = self.uncond_mask(context, T, x.device)
             if uncond is not None:
                 allowed[uncond] = False
                 allowed[uncond, C:] = True  # unconditional tokens: unconditional experts only
@@ -144,9 +142,9 @@ class PrototypeRouter(Router):
         ids = torch.where(usable, ids, -1)
         weights = torch.where(usable, weights, torch.zeros((), device=x.device))
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = renormalize(weights)
         aux = balance_losses(
-            probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(state),
+            probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(context),
         )
         if self.contrastive:
             aux["contrastive"] = self.contrastive * routing_contrastive_loss(

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_input, check_k
+from moekit.routing.base import Router, check_input, check_int
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("random")
@@ -32,16 +32,13 @@ class RandomRouter(Router):
     """
 
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, seed: int = 0) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
-        check_k(k, num_experts, "RandomRouter")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"RandomRouter: seed must be an integer, got {seed!r}")
-        self.k = k
+        super().__init__(dim=dim, num_experts=num_experts, k=k)
+        check_int(self.who, seed=seed)
         self.seed = seed
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
-        check_input(x, self.dim, "RandomRouter", finite=True)
+        check_input(x, self.dim, self.who, finite=True)
         T, E = x.shape[0], self.num_experts
         gen = None
         if not self.training:

@@ -7,7 +7,7 @@ layer starts from h_0 = 0. Routing decisions of earlier layers thereby inform la
 router gets gradient from every later layer through h.
 
 In moekit the state travels in the contract: this router returns `Routing.state = h_i [T, H]` and
-reads `state["prev"]` (which `MoELM` fills with the previous MoE layer's `Routing.state`). Each layer
+reads `RoutingContext.previous.state` (`MoELM` passes the previous MoE layer's `Routing`). Each layer
 owns its projection, GRU cell and gate (the paper's per-layer projector and gate; its GRU cell is
 per layer here as well, since moekit's routers are independent modules).
 """
@@ -19,16 +19,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_logits, seq_len_of, softmax_top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import is_positive_int
 
 
 @register_router("recurrent")
 class RecurrentRouter(Router):
-    """Top-k over W_gate h, h = GRU(W_proj x, h_prev) with h_prev = state["prev"] (zeros when absent).
+    """Top-k over W_gate h, h = GRU(W_proj x, h_prev), h_prev the previous layer's `Routing.state` (zeros when absent).
 
     Args:
         dim: model width D.
@@ -44,6 +44,8 @@ class RecurrentRouter(Router):
     Returns `Routing.state = h [T, H]` for the next MoE layer.
     """
 
+    needs_previous = True  # h_prev: the previous MoE layer's `Routing.state` of the same tokens
+
     def __init__(
         self,
         *,
@@ -56,12 +58,9 @@ class RecurrentRouter(Router):
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, num_experts=num_experts, losses=dict(load_balance=load_balance, z_loss=z_loss))
-        who = "RecurrentRouter"
-        check_k(k, num_experts, who)
+        super().__init__(dim=dim, num_experts=num_experts, k=k, losses=dict(load_balance=load_balance, z_loss=z_loss))
         if hidden is not None and not is_positive_int(hidden):
-            raise ValueError(f"{who}: hidden must be None or a positive integer, got {hidden!r}")
-        self.k = k
+            raise ValueError(f"{self.who}: hidden must be None or a positive integer, got {hidden!r}")
         self.hidden = hidden
         self.normalize = normalize
         self.detach_state = detach_state
@@ -77,33 +76,31 @@ class RecurrentRouter(Router):
         """H, the GRU state width."""
         return self.hidden if self.hidden is not None else min(self.dim, 128)
 
-    def previous(self, state: dict | None, x: Tensor) -> Tensor:
-        """h_prev [T, H] from state["prev"], or zeros when there is none (the first MoE layer)."""
-        prev = state.get("prev") if isinstance(state, dict) else None
+    def previous(self, context: RoutingContext | None, x: Tensor) -> Tensor:
+        """h_prev [T, H], the state the previous MoE layer's router handed on (`context.previous.state`),
+        or zeros when there is none (the first MoE layer)."""
+        prev = context.previous_state if context is not None else None
         T, H = x.shape[0], self.width
         if prev is None:
             return x.new_zeros(T, H, dtype=self.weight.dtype)
         if not isinstance(prev, Tensor) or prev.shape != (T, H):
             got = tuple(prev.shape) if isinstance(prev, Tensor) else type(prev).__name__
             raise ValueError(
-                f"RecurrentRouter: state['prev'] must be the previous recurrent router's state [T, H] = "
+                f"{self.who}: context.previous.state must be the previous recurrent router's state [T, H] = "
                 f"[{T}, {H}], got {got}; every MoE layer of a model must use the same recurrent router width"
             )
         return prev.detach() if self.detach_state else prev
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E], state h [T, H]."""
-        check_input(x, self.dim, type(self).__name__)
-        h_prev = self.previous(state, x)
-        h = self.gru(self.proj(x.to(self.weight.dtype)), h_prev)  # [T, H]
+        xw = self.checked_input(x, self.weight)
+        h_prev = self.previous(context, x)
+        h = self.gru(self.proj(xw), h_prev)  # [T, H]
         logits = torch.nn.functional.linear(h, self.weight)  # [T, E]
-        check_logits(logits, type(self).__name__)
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        check_logits(logits, self.who)
+        probs, weights, ids = softmax_top_k(logits, self.k, normalize=self.normalize)  # [T, E], [T, k], [T, k]
         aux = balance_losses(
             probs, logits, ids, load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss,
-            seq_len=seq_len_of(state),
+            seq_len=seq_len_of(context),
         )
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux, state=h)

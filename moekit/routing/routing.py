@@ -1,9 +1,9 @@
-"""The `Routing` contract: what every router returns (see DESIGN.md, contract 1)."""
+"""The `Routing` contract: what every router returns (DESIGN.md, contract 1), and the `RoutingContext`
+a router may read besides its input rows (contract 2)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,7 +23,8 @@ class Routing:
         dropped: LongTensor scalar; what the router wanted but could not place: token-slots over
             capacity (switch, capacity-limited layers), or tokens no expert chose (expert_choice).
         meta: router-specific tensors (e.g. `null_weight` for null experts).
-        state: what the next layer's router needs from this one (recurrent routers), or None.
+        state: router-private recurrent state the next MoE layer's router reads (the recurrent router's
+            GRU state h [T, H]), or None. It reaches that router as `RoutingContext.previous.state`.
     """
 
     expert_ids: Tensor
@@ -33,7 +34,7 @@ class Routing:
     aux: dict[str, Tensor] = field(default_factory=dict)
     dropped: Tensor | None = None
     meta: dict[str, Tensor] = field(default_factory=dict)
-    state: Any = None
+    state: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.expert_ids.dim() != 2 or self.expert_ids.shape != self.weights.shape:
@@ -84,3 +85,35 @@ class Routing:
             "dropped_frac": dropped / slots if slots else 0.0,
             "tokens_without_expert": float((self.active_per_token() == 0).sum()),
         }
+
+
+@dataclass(slots=True)
+class RoutingContext:
+    """What a router may know about its `T` input rows besides the rows themselves (DESIGN.md, contract 2).
+
+    Built once per model forward (`MoELM`, a patched Hugging Face model) or by `MoE.forward` from its
+    arguments; routers read it and never change it (`dataclasses.replace` makes a changed copy). The KV
+    cache and the block index are not here: routers do not see them (experts that need them declare
+    it in their `forward` signature, see `MoE`).
+
+    Attributes:
+        seq_len: the rows are T // seq_len sequences of seq_len consecutive tokens (`MoE` sets it for a
+            [B, L, D] input); None: unknown, one sequence of T.
+        token_ids: LongTensor [T], the token id of each row (routers that route by id, e.g. `hash`).
+        previous: the `Routing` of the MoE layer (or Chain-of-Experts iteration) before this one, over the
+            same rows, when it handed on a recurrent state (`Routing.state`); None for the first layer.
+        uncond: bool [T], rows flagged unconditional (the `prototype` router's `num_uncond` experts).
+        token_index: LongTensor [T], which of the batch's B*L tokens each row is when a layer routes a
+            subset of them (a mixture-of-depths block); None: all of them, in order. Read by traces.
+    """
+
+    seq_len: int | None = None
+    token_ids: Tensor | None = None
+    previous: Routing | None = None
+    uncond: Tensor | None = None
+    token_index: Tensor | None = None
+
+    @property
+    def previous_state(self) -> Tensor | None:
+        """The recurrent state the previous layer's router handed on (`previous.state`), or None."""
+        return self.previous.state if self.previous is not None else None

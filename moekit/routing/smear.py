@@ -10,7 +10,7 @@ A causal language model must not route a token on later tokens, so by default (`
 "example" of token t is its prefix: p_t = softmax(W mean(x_1..x_t)) within its sequence. With
 `causal=False` (encoders, classification: the paper's setting) every token of a sequence gets the
 sequence's p, also returned as `meta["example_weights"] [B, E]` so that `SmearExperts` merges once per
-example. Sequences come from `state["seq_len"]` (set by the MoE layer for [B, L, D] input); without
+example. Sequences come from `RoutingContext.seq_len` (set by the MoE layer for [B, L, D] input); without
 it the T tokens are one sequence. Under KV-cached generation a call sees only its own tokens, so the
 causal prefix mean covers only the tokens of that call.
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from moekit.routing.base import Router, check_input, seq_len_of
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("smear")
@@ -37,17 +37,19 @@ class SmearRouter(Router):
     Returns expert_ids [T, E] (every expert, in order) and weights p [T, E]; logits W mean(x) [T, E].
     """
 
+    needs_full_sequence = True  # pools each sequence (prefix) of `context.seq_len` rows
+
     def __init__(self, *, dim: int, num_experts: int, causal: bool = True) -> None:
         super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
         self.causal = causal
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, E], logits [T, E]."""
-        check_input(x, self.dim, type(self).__name__)
+        check_input(x, self.dim, self.who)
         T, D = x.shape
-        L = seq_len_of(state) or T
+        L = seq_len_of(context) or T
         if T % L:
-            raise ValueError(f"SmearRouter: T={T} tokens is not a multiple of state['seq_len']={L}")
+            raise ValueError(f"{self.who}: T={T} tokens is not a multiple of context.seq_len={L}")
         xs = x.reshape(T // L, L, D).float()  # [B, L, D]
         if self.causal:
             count = torch.arange(1, L + 1, device=x.device, dtype=xs.dtype).view(1, L, 1)

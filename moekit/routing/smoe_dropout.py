@@ -20,9 +20,9 @@ import math
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_input, check_k, check_logits
+from moekit.routing.base import Router, check_int, check_k, check_logits, top_k
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 from moekit.utils.checks import check_positive_ints
 
 
@@ -56,7 +56,7 @@ class SMoEDropoutRouter(Router):
         seed: int = 0,
     ) -> None:
         super().__init__(dim=dim, num_experts=num_experts)
-        who = "SMoEDropoutRouter"
+        who = self.who
         check_k(k_start, num_experts, who)
         for name, v in (("k_end", k_end), ("eval_k", eval_k)):
             if v is not None:
@@ -64,8 +64,7 @@ class SMoEDropoutRouter(Router):
         if (k_end or num_experts) < k_start:
             raise ValueError(f"{who}: k_end={k_end} must be >= k_start={k_start}")
         check_positive_ints(f"{who}: ", anneal_steps=anneal_steps)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"{who}: seed must be an integer, got {seed!r}")
+        check_int(who, seed=seed)
         self.k_start = k_start
         self.k_end = k_end
         self.anneal_steps = anneal_steps
@@ -89,16 +88,13 @@ class SMoEDropoutRouter(Router):
         frac = min(int(self.steps_seen) / self.anneal_steps, 1.0)
         return self.k_start + math.floor((k_end - self.k_start) * frac + 1e-9)
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, current k], logits [T, E]."""
-        check_input(x, self.dim, type(self).__name__)
+        xw = self.checked_input(x, self.weight)
         k = self.current_k()
-        logits = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)  # [T, E], frozen
-        check_logits(logits, type(self).__name__)
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = torch.nn.functional.linear(xw, self.weight)  # [T, E], frozen
+        check_logits(logits, self.who)
+        weights, ids = top_k(torch.softmax(logits.float(), dim=-1), k, normalize=self.normalize)  # [T, k]
         if self.training:
             self.steps_seen += 1
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts)

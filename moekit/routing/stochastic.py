@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.routing.base import Router, check_choice, check_input, check_k
+from moekit.routing.base import Router, check_choice, check_input, check_int
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 EVAL_MODES = ("random", "average")
 
@@ -78,18 +78,15 @@ class StochasticRouter(Router):
     """
 
     def __init__(self, *, dim: int, num_experts: int, k: int = 1, eval_mode: str = "random", seed: int = 0) -> None:
-        super().__init__(dim=dim, num_experts=num_experts)
-        check_k(k, num_experts, "StochasticRouter")
-        check_choice(eval_mode, EVAL_MODES, "eval_mode", "StochasticRouter")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"StochasticRouter: seed must be an integer, got {seed!r}")
-        self.k = k
+        super().__init__(dim=dim, num_experts=num_experts, k=k)
+        check_choice(eval_mode, EVAL_MODES, "eval_mode", self.who)
+        check_int(self.who, seed=seed)
         self.eval_mode = eval_mode
         self.seed = seed
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k] ([T, E] in "average" eval mode)."""
-        check_input(x, self.dim, "StochasticRouter", finite=True)
+        check_input(x, self.dim, self.who, finite=True)
         T, E = x.shape[0], self.num_experts
         if not self.training and self.eval_mode == "average":
             ids = torch.arange(E, device=x.device).expand(T, E).contiguous()

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, check_k, jitter, seq_len_of
+from moekit.routing.base import Router, jitter, seq_len_of
 from moekit.routing.capacity import apply_capacity
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("switch")
@@ -50,22 +50,20 @@ class SwitchRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, z_loss=z_loss),
         )
-        who = "SwitchRouter"
-        check_k(k, num_experts, who)
+        who = self.who
         if capacity_factor is not None and not (
             isinstance(capacity_factor, int | float) and capacity_factor > 0
         ):
             raise ValueError(f"{who}: capacity_factor must be > 0 or None, got {capacity_factor!r}")
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"{who}: jitter_eps must be in [0, 1), got {jitter_eps!r}")
-        self.k = k
         self.capacity_factor = capacity_factor
         self.jitter_eps = jitter_eps
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E], `dropped` the number
         of token-slots over capacity."""
         if self.training and self.jitter_eps > 0:
@@ -75,7 +73,7 @@ class SwitchRouter(Router):
         weights, ids = torch.topk(probs, self.k, dim=-1)  # [T, k], weight = p_i(x), not renormalised
         aux = balance_losses(
             probs, logits, ids,
-            load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss, seq_len=seq_len_of(state),
+            load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss, seq_len=seq_len_of(context),
         )
         routing = Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)
         if self.capacity_factor is None:

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_choice, check_k, jitter, seq_len_of
+from moekit.routing.base import Router, check_choice, jitter, seq_len_of, top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 ORDERS = ("softmax_topk", "topk_softmax")
 NOISES = ("none", "jitter", "noisy")
@@ -56,13 +56,11 @@ class TopKRouter(Router):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
         )
-        check_k(k, num_experts, "TopKRouter")
-        check_choice(order, ORDERS, "order", "TopKRouter")
-        check_choice(noise, NOISES, "noise", "TopKRouter")
-        self.k = k
+        check_choice(order, ORDERS, "order", self.who)
+        check_choice(noise, NOISES, "noise", self.who)
         self.order = order
         self.normalize = normalize
         self.noise = noise
@@ -70,7 +68,7 @@ class TopKRouter(Router):
         if noise == "noisy":
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim))
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E]."""
         if self.training and self.noise == "jitter":
             x = jitter(x, self.noise_eps)
@@ -82,9 +80,7 @@ class TopKRouter(Router):
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E], for losses
         if self.order == "softmax_topk":
             sel_probs = probs if select is logits else torch.softmax(select.float(), dim=-1)
-            weights, ids = torch.topk(sel_probs, self.k, dim=-1)  # [T, k]
-            if self.normalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights, ids = top_k(sel_probs, self.k, normalize=self.normalize)  # [T, k]
         else:
             top, ids = torch.topk(select.float(), self.k, dim=-1)
             weights = torch.softmax(top, dim=-1)
@@ -93,6 +89,6 @@ class TopKRouter(Router):
             load_balance=self.load_balance,
             seq_balance=self.seq_balance,
             z=self.z_loss,
-            seq_len=seq_len_of(state),
+            seq_len=seq_len_of(context),
         )
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)

@@ -15,7 +15,7 @@ from torch import Tensor
 from moekit.routing.base import Router, seq_len_of
 from moekit.routing.losses import balance_losses, entropy_loss, load_balance_loss
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("topp")
@@ -57,7 +57,7 @@ class TopPRouter(Router):
                 dynamic_loss=dynamic_loss, load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss
             ),
         )
-        who = "TopPRouter"
+        who = self.who
         if not (isinstance(p, int | float) and 0 < p <= 1):
             raise ValueError(f"{who}: p must be in (0, 1], got {p!r}")
         if max_k is not None and (
@@ -73,7 +73,7 @@ class TopPRouter(Router):
         """The upper bound: `max_k`, else every expert."""
         return self.max_k or self.num_experts
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, max_k], logits [T, E]."""
         logits = self.gate_logits(x)  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
@@ -86,7 +86,7 @@ class TopPRouter(Router):
         weights = torch.where(used, top, torch.zeros((), device=top.device))
         aux = balance_losses(
             probs, logits, ids,
-            load_balance=0.0, seq_balance=self.seq_balance, z=self.z_loss, seq_len=seq_len_of(state),
+            load_balance=0.0, seq_balance=self.seq_balance, z=self.z_loss, seq_len=seq_len_of(context),
         )
         if self.load_balance:
             slots = ids.numel()

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_input, check_k, check_logits, seq_len_of
+from moekit.routing.base import Router, check_logits, renormalize, seq_len_of
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
-from moekit.routing.routing import Routing
+from moekit.routing.routing import Routing, RoutingContext
 
 
 @register_router("uncertainty")
@@ -61,21 +61,18 @@ class UncertaintyRouter(Router):
         load_balance: float = 1e-2,
     ) -> None:
         super().__init__(
-            dim=dim, num_experts=num_experts, gate_outputs=num_experts,
+            dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(uncertainty=uncertainty, load_balance=load_balance),
         )
-        check_k(k, num_experts, "UncertaintyRouter")
-        self.k = k
         self.sample = sample
         self.normalize = normalize
         self.var_weight = nn.Parameter(torch.zeros(num_experts, dim))
 
-    def forward(self, x: Tensor, *, state: dict | None = None) -> Routing:
+    def forward(self, x: Tensor, *, context: RoutingContext | None = None) -> Routing:
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits mu [T, E]."""
-        check_input(x, self.dim, type(self).__name__)
-        xf = x.to(self.weight.dtype)
+        xf = self.checked_input(x, self.weight)
         mu = F.linear(xf, self.weight).float()  # [T, E]
-        check_logits(mu, type(self).__name__)
+        check_logits(mu, self.who)
         var = F.softplus(F.linear(xf, self.var_weight).float()) + 1e-6  # [T, E]
         calibrated = torch.softmax(mu / torch.sqrt(1.0 + math.pi * var / 8.0), dim=-1)  # [T, E]
         if self.training and self.sample:
@@ -85,9 +82,9 @@ class UncertaintyRouter(Router):
         ids = torch.topk(select, self.k, dim=-1).indices  # [T, k]
         weights = calibrated.gather(1, ids)
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = renormalize(weights)
         aux = balance_losses(
-            calibrated, mu, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(state),
+            calibrated, mu, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(context),
         )
         if self.uncertainty:
             aux["uncertainty"] = self.uncertainty * 0.5 * (var - 1.0 - torch.log(var)).mean()

@@ -194,7 +194,7 @@ def test_moe_layer_passes_sequences():
     torch.testing.assert_close(y1[:L], y[0])
     assert not torch.allclose(y1[L:], y[1])
     cache = SimpleNamespace(states={})
-    moe(x, state={"cache": cache, "layer": 0})
+    moe(x, cache=cache, layer=0)
     assert cache.states[(0, "hecto_gru")].shape == (B, D)
 
 
@@ -231,7 +231,7 @@ def test_lm_prefill_and_decode_equal_full_forward():
 
 def test_config_and_bad_input():
     ex = build_experts("hecto", num_experts=2, dim=D, hidden=F, gru_hidden=4)
-    assert isinstance(ex, HectoExperts) and ex.sequence_aware
+    assert isinstance(ex, HectoExperts) and ex.needs_full_sequence
     expected = {"num_experts": 2, "dim": D, "hidden": F, "activation": "silu", "gru_hidden": 4}
     assert ex.config() == expected and HectoExperts(**expected).config() == expected
     with pytest.raises(ValueError, match="must be 2"):

@@ -10,7 +10,7 @@ from moekit.layers.film import FiLMExperts
 from moekit.layers.smear import SmearExperts
 from moekit.layers.variants import build_experts
 from moekit.models import LMConfig, MoELM
-from moekit.routing import Routing, build_router
+from moekit.routing import Routing, RoutingContext, build_router
 from tests.helpers import tiny_lm
 
 D, E, F = 16, 4, 8
@@ -48,7 +48,7 @@ def test_smear_merges_parameters_and_both_paths_agree():
     ex = SmearExperts(num_experts=E, dim=D, hidden=F)
     router = build_router("smear", dim=D, num_experts=E, causal=False)
     x = torch.randn(B * L, D, requires_grad=True)
-    r = router(x, state={"seq_len": L})
+    r = router(x, context=RoutingContext(seq_len=L))
     assert "example_weights" in r.meta and (r.weights.reshape(B, L, E) == r.weights.reshape(B, L, E)[:, :1]).all()
     fast = ex(x, r)
     slow = ex.forward_per_token(x, r.weights)

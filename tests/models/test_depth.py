@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moekit.models import LMConfig, MoELM
 from moekit.models.depth import DepthRouter, gather_selected
+from moekit.routing import RoutingContext
 from tests.helpers import TINY_LM
 
 TINY = dict(TINY_LM, n_layers=4)
@@ -47,7 +48,7 @@ def test_routed_block_matches_per_sequence_reference(moe, selection):
     assert block.depth_router is not None and model.layers[0].depth_router is None
     x = torch.randn(3, 10, 32)
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
-    out = block(x, cos, sin, None, {}, selection)
+    out = block(x, cos, sin, None, RoutingContext(), selection)
     ref = reference_block(block, x, cos, sin, out.selected)
     torch.testing.assert_close(out.x, ref, atol=1e-5, rtol=1e-5)
     # tokens the block did not select pass exactly unchanged
@@ -190,11 +191,30 @@ def test_checkpoint_round_trip_keeps_the_depth_routers(tmp_path):
         ({"mod_capacity": 0.5, "mod_aux_weight": -1.0}, "mod_aux_weight"),
         ({"mod_capacity": 0.5, "num_experts": 4, "router": "recurrent", "router_args": {"k": 2}}, "recurrent"),
         ({"mod_capacity": 0.5, "num_experts": 4, "router": "graph_of_tokens", "router_args": {"k": 2}}, "sequences"),
+        ({"mod_capacity": 0.5, "num_experts": 4, "router": "smear", "router_args": {}}, "'smear' needs whole"),
+        ({"mod_capacity": 0.5, "num_experts": 2, "experts": "hecto"}, "'hecto' needs whole sequences"),
+        ({"mod_capacity": 0.5, "num_experts": 4, "experts": "smear"}, "'smear' needs whole sequences"),
     ],
 )
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         LMConfig(**{**TINY, **kw})
+
+
+def test_config_asks_the_parts_not_their_names(monkeypatch):
+    """What a mixture-of-depths block refuses comes from the classes' declarations (no name list)."""
+    from moekit.layers.experts import Experts
+    from moekit.routing import get_router
+
+    kw = {**TINY, "mod_capacity": 0.5, "num_experts": 4}
+    LMConfig(**kw)  # topk + ffn experts fit
+    monkeypatch.setattr(get_router("topk"), "needs_previous", True)
+    with pytest.raises(ValueError, match="'topk' needs the previous MoE layer's routing"):
+        LMConfig(**kw)
+    monkeypatch.setattr(get_router("topk"), "needs_previous", False)
+    monkeypatch.setattr(Experts, "needs_full_sequence", True, raising=False)
+    with pytest.raises(ValueError, match="'ffn' needs whole sequences"):
+        LMConfig(**kw)
 
 
 def test_off_by_default_and_every_block_routed_with_mod_every_1():
@@ -210,12 +230,15 @@ NOT_PER_TOKEN = {"switch", "expert_choice", "random", "stochastic"}
 
 def _entries_with_mod():
     from moekit.bench.routers import ENTRIES
+    from moekit.layers.variants import EXPERTS_VARIANTS
+    from moekit.routing import get_router
 
     for name, e in ENTRIES.items():
-        if e.router is None or e.router in ("recurrent", "smear", "graph_of_tokens"):
-            continue  # dense, and the routers a MoD block refuses (test_bad_config)
-        if e.model.get("experts") in ("hecto", "smear"):
-            continue
+        if e.router is None:
+            continue  # dense
+        router, experts = get_router(e.router), EXPERTS_VARIANTS.get(e.model.get("experts", "ffn"))
+        if router.needs_full_sequence or router.needs_previous or getattr(experts, "needs_full_sequence", False):
+            continue  # the parts a MoD block refuses (test_bad_config)
         yield name, e
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.layers.chain import ChainMoE
+from moekit.layers import MoE
 from moekit.models import LMConfig, MoELM
 from moekit.train.checkpoint import load_model, save_checkpoint
 from tests.helpers import TINY_LM
@@ -16,7 +16,7 @@ TINY = dict(TINY_LM, n_layers=3, max_seq_len=16, num_experts=4, expert_hidden=16
 def test_chain_of_experts_lm():
     cfg = LMConfig(**TINY, moe_iterations=2)
     model = MoELM(cfg)
-    assert all(isinstance(b.mlp, ChainMoE) and b.mlp.iterations == 2 for b in model.layers)
+    assert all(isinstance(b.mlp, MoE) and b.mlp.iterations == 2 for b in model.layers)
     ids = torch.randint(0, 64, (2, 8))
     out = model(ids, targets=ids)
     assert all(r.expert_ids.shape == (16, 2) for r in out.routings)  # 2 iterations x top-1
@@ -51,7 +51,7 @@ def test_widenet_shares_attention_and_moe_but_not_norms(tmp_path):
     cos, sin = model.rope_cos[:8], model.rope_sin[:8]
     for i, b in enumerate(model.layers):
         x = x + b0.self_attn(b.input_layernorm(x), cos, sin, None, i)
-        x = x + b0.mlp(b.post_attention_layernorm(x), state={"token_ids": ids})[0]
+        x = x + b0.mlp(b.post_attention_layernorm(x), token_ids=ids)[0]
     torch.testing.assert_close(out.logits, model.lm_head(model.norm(x)))
     # checkpoints hold the shared tensors once and load back to identical outputs
     save_checkpoint(tmp_path, model, {"model": model.config.to_dict()})

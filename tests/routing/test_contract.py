@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from moekit.layers import Experts, MoE
-from moekit.routing import Routing, build_router, get_router, list_routers, router_config, router_from_config
+from moekit.routing import (
+    Routing,
+    RoutingContext,
+    build_router,
+    get_router,
+    list_routers,
+    router_config,
+    router_from_config,
+)
 
 D, E, T, L = 16, 8, 24, 12  # width, experts, tokens (2 sequences of 12)
 
@@ -17,8 +25,8 @@ def make(name: str) -> torch.nn.Module:
     return build_router(name, dim=D, num_experts=E)
 
 
-def state_for(T: int) -> dict:
-    return {"token_ids": torch.arange(T) * 7 % 50, "seq_len": L}
+def context_for(T: int) -> RoutingContext:
+    return RoutingContext(seq_len=L, token_ids=torch.arange(T) * 7 % 50)
 
 
 @pytest.fixture(params=list_routers())
@@ -35,7 +43,7 @@ def test_registry_lists_core_routers():
 def test_shapes_ranges_and_empty_slots(name):
     router = make(name).train()
     x = torch.randn(T, D)
-    r = router(x, state=state_for(T))
+    r = router(x, context=context_for(T))
     assert isinstance(r, Routing)
     k = r.expert_ids.shape[1]
     assert r.expert_ids.shape == (T, k) and r.weights.shape == (T, k) and k >= 1
@@ -62,7 +70,7 @@ def test_gradients_reach_router_parameters(name):
         pytest.skip(f"{name} has no trainable parameters")
     moe = MoE(router=router, experts=Experts(num_experts=E, dim=D, hidden=32))
     x = torch.randn(2, L, D)
-    y, r = moe(x, state={"token_ids": (torch.arange(2 * L) * 7 % 50).reshape(2, L)})
+    y, r = moe(x, token_ids=(torch.arange(2 * L) * 7 % 50).reshape(2, L))
     (y.square().mean() + r.total_aux()).backward()
     grads = [p.grad for p in params]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -72,7 +80,7 @@ def test_gradients_reach_router_parameters(name):
 def test_eval_mode_is_deterministic(name):
     router = make(name).eval()
     x = torch.randn(T, D)
-    a, b = router(x, state=state_for(T)), router(x, state=state_for(T))
+    a, b = router(x, context=context_for(T)), router(x, context=context_for(T))
     assert torch.equal(a.expert_ids, b.expert_ids)
     assert torch.equal(a.weights, b.weights)
 
@@ -85,7 +93,7 @@ def test_config_round_trips_through_json(name):
     assert router_config(clone) == cfg
     clone.load_state_dict(router.state_dict())
     x = torch.randn(T, D)
-    a, b = router(x, state=state_for(T)), clone(x, state=state_for(T))
+    a, b = router(x, context=context_for(T)), clone(x, context=context_for(T))
     assert torch.equal(a.expert_ids, b.expert_ids)
     torch.testing.assert_close(a.weights, b.weights)
 
@@ -93,9 +101,9 @@ def test_config_round_trips_through_json(name):
 def test_wrong_rank_or_width_is_a_clear_error(name):
     router = make(name)
     with pytest.raises(ValueError, match=r"\[T, 16\]"):
-        router(torch.randn(2, T, D), state=state_for(2 * T))
+        router(torch.randn(2, T, D), context=context_for(2 * T))
     with pytest.raises(ValueError, match=r"\[T, 16\]"):
-        router(torch.randn(T, D + 1), state=state_for(T))
+        router(torch.randn(T, D + 1), context=context_for(T))
 
 
 def test_unknown_argument_lists_accepted_ones(name):
@@ -111,7 +119,7 @@ def test_non_finite_input_is_a_clear_error(name, bad):
         x = torch.randn(T, D)
         x[3, 5] = bad
         with pytest.raises(FloatingPointError, match="non-finite"):
-            router(x, state=state_for(T))
+            router(x, context=context_for(T))
 
 
 def test_every_loss_coefficient_is_validated_by_the_base_class(name):
@@ -129,3 +137,24 @@ def test_routers_with_losses_declare_them():
     assert make("hash").loss_names == ()
     with pytest.raises(ValueError, match="load_balance must be a finite number >= 0, got -1.0"):
         build_router("topk", dim=D, num_experts=E, load_balance=-1.0)
+
+
+def test_routers_declare_what_they_need(name):
+    """`needs_token_ids`, `needs_full_sequence` and `needs_previous` say what a router reads from its context."""
+    router = make(name).eval()
+    x = torch.randn(T, D)
+    ids = torch.arange(T) * 7 % 50
+    if router.needs_token_ids:
+        with pytest.raises(ValueError, match="token id"):
+            router(x, context=RoutingContext(seq_len=L))
+    else:
+        router(x, context=RoutingContext(seq_len=L))  # works without ids
+    one = router(x, context=RoutingContext(seq_len=T, token_ids=ids))  # the rows as one sequence
+    two = router(x, context=RoutingContext(seq_len=L, token_ids=ids))  # ... as two
+    same = torch.equal(one.expert_ids, two.expert_ids) and torch.equal(one.weights, two.weights)
+    assert same != router.needs_full_sequence, "only routers that read whole sequences depend on seq_len"
+    if not router.needs_previous:
+        h = torch.randn(T, 8)
+        prev = Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), torch.zeros(T, E), E, state=h)
+        other = router(x, context=RoutingContext(seq_len=L, token_ids=ids, previous=prev))
+        assert torch.equal(other.expert_ids, two.expert_ids)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moekit.routing import build_router
+from moekit.routing import RoutingContext, build_router
 
 
 def _sorted(ids, weights):
@@ -168,7 +168,7 @@ def test_losses():
     x = torch.randn(12, 16)
     with pytest.raises(ValueError, match="seq_len"):
         router(x)
-    r = router(x, state={"seq_len": 6})
+    r = router(x, context=RoutingContext(seq_len=6))
     s = torch.sigmoid(x @ router.weight.t())
     p = s / s.sum(-1, keepdim=True)
     f = torch.stack([(r.expert_ids == e).sum().float() for e in range(8)]) / (12 * 2)

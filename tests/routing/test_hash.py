@@ -4,26 +4,26 @@ import pytest
 import torch
 
 from moekit.layers import Experts, MoE
-from moekit.routing import build_router
+from moekit.routing import RoutingContext, build_router
 
 
 def test_same_id_same_experts_regardless_of_batch():
     router = build_router("hash", dim=16, num_experts=8, k=3)
     ids = torch.randint(0, 1000, (50,))
-    a = router(torch.randn(50, 16), state={"token_ids": ids})
+    a = router(torch.randn(50, 16), context=RoutingContext(token_ids=ids))
     perm = torch.randperm(50)
-    b = router(torch.randn(50, 16), state={"token_ids": ids[perm]})
+    b = router(torch.randn(50, 16), context=RoutingContext(token_ids=ids[perm]))
     assert torch.equal(a.expert_ids[perm], b.expert_ids)
-    single = router(torch.randn(1, 16), state={"token_ids": ids[:1]})
+    single = router(torch.randn(1, 16), context=RoutingContext(token_ids=ids[:1]))
     assert torch.equal(single.expert_ids[0], a.expert_ids[0])
     # Same id anywhere in the batch -> same experts.
-    rep = router(torch.randn(4, 16), state={"token_ids": torch.tensor([7, 7, 7, 7])})
+    rep = router(torch.randn(4, 16), context=RoutingContext(token_ids=torch.tensor([7, 7, 7, 7])))
     assert (rep.expert_ids == rep.expert_ids[0]).all()
 
 
 def test_distinct_experts_weights_and_logits():
     router = build_router("hash", dim=16, num_experts=8, k=4)
-    r = router(torch.randn(300, 16), state={"token_ids": torch.arange(300)})
+    r = router(torch.randn(300, 16), context=RoutingContext(token_ids=torch.arange(300)))
     assert all(len(set(row.tolist())) == 4 for row in r.expert_ids)
     assert (r.expert_ids >= 0).all() and (r.expert_ids < 8).all()
     torch.testing.assert_close(r.weights, torch.full((300, 4), 0.25))
@@ -36,8 +36,8 @@ def test_spread_and_seed():
     a = build_router("hash", dim=16, num_experts=8, seed=0)
     b = build_router("hash", dim=16, num_experts=8, seed=1)
     ids = torch.arange(8000)
-    ra = a(torch.zeros(8000, 16), state={"token_ids": ids})
-    rb = b(torch.zeros(8000, 16), state={"token_ids": ids})
+    ra = a(torch.zeros(8000, 16), context=RoutingContext(token_ids=ids))
+    rb = b(torch.zeros(8000, 16), context=RoutingContext(token_ids=ids))
     counts = ra.tokens_per_expert().float()
     assert (counts - 1000).abs().max() < 150  # ~uniform over experts (sd ~30)
     assert (ra.expert_ids != rb.expert_ids).float().mean() > 0.8  # another seed, another function
@@ -51,11 +51,11 @@ def test_missing_token_ids_error():
     with pytest.raises(ValueError, match="token_ids"):
         router(torch.randn(4, 16))
     with pytest.raises(ValueError, match="token_ids"):
-        router(torch.randn(4, 16), state={"seq_len": 4})
+        router(torch.randn(4, 16), context=RoutingContext(seq_len=4))
     with pytest.raises(ValueError, match="3 token ids for 4 tokens"):
-        router(torch.randn(4, 16), state={"token_ids": torch.arange(3)})
+        router(torch.randn(4, 16), context=RoutingContext(token_ids=torch.arange(3)))
     with pytest.raises(ValueError, match=">= 0"):
-        router(torch.randn(2, 16), state={"token_ids": torch.tensor([1, -1])})
+        router(torch.randn(2, 16), context=RoutingContext(token_ids=torch.tensor([1, -1])))
 
 
 def test_through_moe_with_batched_ids():
@@ -63,10 +63,10 @@ def test_through_moe_with_batched_ids():
     moe = MoE(router=router, experts=Experts(num_experts=8, dim=16, hidden=32))
     tok = torch.randint(0, 100, (2, 5))
     x = torch.randn(2, 5, 16, requires_grad=True)
-    y, r = moe(x, state={"token_ids": tok})
+    y, r = moe(x, token_ids=tok)
     y.sum().backward()
     assert y.shape == x.shape and x.grad is not None
-    direct = router(torch.randn(10, 16), state={"token_ids": tok.reshape(-1)})
+    direct = router(torch.randn(10, 16), context=RoutingContext(token_ids=tok.reshape(-1)))
     assert torch.equal(r.expert_ids, direct.expert_ids)
 
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from moekit.routing import build_router
+from moekit.routing import RoutingContext, build_router
 from moekit.routing.prototype import routing_contrastive_loss
 
 
@@ -33,7 +33,7 @@ def test_unconditional_tokens_use_only_unconditional_experts():
     E, U, T = 8, 2, 40
     router = build_router("prototype", dim=16, num_experts=E, k=2, num_uncond=U).train()
     uncond = torch.arange(T) % 3 == 0
-    r = router(torch.randn(T, 16), state={"uncond": uncond})
+    r = router(torch.randn(T, 16), context=RoutingContext(uncond=uncond))
     assert (r.expert_ids[uncond] >= E - U).all()
     assert ((r.expert_ids[~uncond] >= 0) & (r.expert_ids[~uncond] < E - U)).all()
     r.total_aux().backward()
