@@ -42,6 +42,8 @@ class SmearExperts(nn.Module):
         activation: "silu" | "gelu" | "gelu_tanh" | "relu".
     """
 
+    expert_dims = {"gate_up_proj": 0, "down_proj": 0}  # per-expert weights (layers.surgery)
+
     def __init__(self, *, num_experts: int, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
         check_positive_ints("SmearExperts: ", num_experts=num_experts, dim=dim, hidden=hidden)

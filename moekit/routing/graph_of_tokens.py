@@ -60,6 +60,8 @@ class GraphOfTokensRouter(Router):
     Logits are the raw scores W x [T, E]; `meta["smoothed"]` holds P~ [T, E].
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     def __init__(
         self,
         *,

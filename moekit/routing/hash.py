@@ -54,6 +54,9 @@ class HashRouter(Router):
     0/1 indicator [T, E] of the chosen experts (there are no scores).
     """
 
+    expert_dims = None  # no expert-set surgery: a hash of (token id, expert id) picks experts, so any
+    # change of the expert set would reassign the tokens of kept experts too
+
     def __init__(self, *, dim: int, num_experts: int, k: int = 1, seed: int = 0) -> None:
         super().__init__(dim=dim, num_experts=num_experts)
         check_k(k, num_experts, "HashRouter")

@@ -44,6 +44,8 @@ class RecurrentRouter(Router):
     Returns `Routing.state = h [T, H]` for the next MoE layer.
     """
 
+    expert_dims = {"weight": 0}  # the gate's per-expert output rows (the GRU is shared)
+
     def __init__(
         self,
         *,

@@ -37,6 +37,8 @@ class SmearRouter(Router):
     Returns expert_ids [T, E] (every expert, in order) and weights p [T, E]; logits W mean(x) [T, E].
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     def __init__(self, *, dim: int, num_experts: int, causal: bool = True) -> None:
         super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)
         self.causal = causal
