@@ -135,3 +135,24 @@ def test_replace_writes_through_to_the_original_block():
     assert torch.equal(hf_experts.gate_up_proj[3], w["gate_up_proj"])  # shared tensor, changed in place
     mh.unpatch(model)
     assert model.model.layers[0].mlp.experts is hf_experts
+
+
+def test_a_permutation_changes_no_output_and_unpatch_keeps_it():
+    """Reordering experts with their router rows is a no-op; the expert count is unchanged, so
+    `unpatch` hands the reordered tensors to the original blocks."""
+    model = tiny_model("olmoe")
+    x = ids(2)
+    with torch.no_grad():
+        want = model(x).logits
+    original = model.model.layers[0].mlp
+    mh.patch(model)
+    perm = [3, 0, 7, 1, 6, 2, 5, 4]
+    for layer in mh.patched_layers(model):
+        keep_experts(layer, perm)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, **TOL)
+    mh.unpatch(model)
+    assert model.model.layers[0].mlp is original
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, **TOL)
+    assert not torch.equal(original.gate.weight, tiny_model("olmoe").model.layers[0].mlp.gate.weight)
