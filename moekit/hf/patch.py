@@ -29,35 +29,100 @@ from moekit.routing import Routing, RoutingContext, build_router, router_config
 from moekit.utils.deps import require
 
 
-class PatchedMoE(nn.Module):
+class _HFNames:
+    """Mixin: moekit's part names (`router`, `experts`, `shared_experts`, `shared_expert_gate`) are
+    aliases of a transformers block's attribute names (`gate`, `experts`, `shared_expert`, ...), for
+    reading, assignment and deletion, so each part is registered once, under its transformers name."""
+
+    def __getattr__(self, name: str) -> Any:
+        return super().__getattr__(self.__dict__.get("_hf_names", {}).get(name, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(self.__dict__.get("_hf_names", {}).get(name, name), value)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(self.__dict__.get("_hf_names", {}).get(name, name))
+
+
+class HFNamedMoE(_HFNames, MoE):
+    """A moekit `MoE` whose parts are registered under a transformers block's attribute names (its
+    `state_dict` keys are the block's), in the block's order. `forward` is `MoE.forward`."""
+
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: nn.Module,
+        shared_experts: nn.Module | None,
+        shared_expert_gate: nn.Module | None,
+        family: Family,
+        order: list[str],
+    ) -> None:
+        object.__setattr__(self, "_hf_names", _hf_names(family))  # read by __setattr__ from the first assignment
+        super().__init__(router=router, experts=experts, shared_experts=shared_experts)
+        if shared_expert_gate is not None:
+            self.shared_expert_gate = shared_expert_gate  # Linear(D, 1), sigmoid applied by MoE
+        self.__dict__["_modules"] = dict(sorted(self._modules.items(), key=lambda kv: order.index(kv[0])))
+
+    # MoE reads its router(s) from its own table under moekit's names; here they live under the block's.
+    @property
+    def router(self) -> nn.Module:
+        return self._modules[self._hf_names["router"]]
+
+    @property
+    def routers(self) -> tuple[nn.Module, ...]:
+        return (self.router,)
+
+    @property
+    def iterations(self) -> int:
+        return 1
+
+
+def _hf_names(family: Family) -> dict[str, str]:
+    """moekit part name -> the family block's attribute name."""
+    names = {"router": family.gate, "experts": family.experts}
+    if family.shared is not None:
+        names["shared_experts"] = family.shared
+    if family.shared_gate is not None:
+        names["shared_expert_gate"] = family.shared_gate
+    return names
+
+
+class PatchedMoE(_HFNames, nn.Module):
     """A moekit `MoE` standing in for one transformers sparse MoE block.
 
-    Its children are the moekit router, experts and shared expert under the block's own attribute
-    names, holding the block's parameter objects. `forward(hidden [B, L, D]) -> [B, L, D]`, what the
-    family's decoder layer expects; the `Routing` of the last call is kept in `last_routing`, and
-    its logits [B*L, E] go to transformers when it records `router_logits` (`output_router_logits=True`:
-    transformers' own load-balancing loss and `aux_loss` then work as on the unpatched model).
+    The parts (router, experts, shared expert, shared-expert gate) are held once: this module and
+    its `moe` (an `HFNamedMoE`) share one table of children, keyed by the block's attribute names
+    (`gate`, `experts`, `shared_expert`, ...: the transformers `state_dict` keys). moekit's names
+    (`router`, `experts`, `shared_experts`, `shared_expert_gate`) are aliases of those, on both. So
+    whatever replaces a part or its tensors (expert-set surgery, `moekit.layers.surgery`) changes what
+    the transformers names hold, and `moekit.hf.save` writes it.
 
-    Attributes (plain, not submodules): `moe` (the moekit MoE over the same parts), `family`,
+    `forward(hidden [B, L, D]) -> [B, L, D]`, what the family's decoder layer expects; the `Routing`
+    of the last call is kept in `last_routing`, and its logits [B*L, E] go to transformers when it
+    records `router_logits` (`output_router_logits=True`: transformers' own load-balancing loss and
+    `aux_loss` then work as on the unpatched model).
+
+    Attributes (plain, not submodules): `moe` (the moekit MoE, returning `(y, Routing)`), `family`,
     `original` (the transformers block, restored by `unpatch`).
     """
 
-    def __init__(self, moe: MoE, family: Family, original: nn.Module) -> None:
+    def __init__(self, moe: HFNamedMoE, family: Family, original: nn.Module) -> None:
         super().__init__()
-        parts = {family.gate: moe.router, family.experts: moe.experts}
-        if family.shared is not None:
-            parts[family.shared] = moe.shared_experts
-        if family.shared_gate is not None:
-            parts[family.shared_gate] = moe.shared_expert_gate
-        for name in sorted(parts, key=list(original._modules).index):  # the block's order: same state_dict
-            setattr(self, name, parts[name])
-        # Not registered as submodules: the same parts are registered above under the HF names.
+        object.__setattr__(self, "_hf_names", moe._hf_names)
+        self.__dict__["_modules"] = moe._modules  # one table of parts for both modules
         self.__dict__["moe"] = moe
         self.__dict__["family"] = family
         self.__dict__["original"] = original
         self.__dict__["token_ids"] = None  # [B, L] ids of the current forward (set by a hook of `patch`)
         self.__dict__["context"] = None  # the RoutingContext of those ids, built once per forward by the same hook
         self.last_routing: Routing | None = None
+
+    def train(self, mode: bool = True) -> PatchedMoE:
+        """Set training mode here, on the parts and on `moe`."""
+        super().train(mode)
+        self.moe.training = mode
+        return self
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """hidden_states: [B, L, D] (or [T, D]) -> same shape; records `last_routing`."""
@@ -71,7 +136,7 @@ class PatchedMoE(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"family={self.family.name!r}, router={type(self.moe.router).router_name!r}"
+        return f"family={self.family.name!r}, router={type(self.router).router_name!r}"
 
 
 def patched_layers(model: nn.Module) -> list[PatchedMoE]:
@@ -207,8 +272,9 @@ def build_router_for(
     return new
 
 
-def _build_moe(block: nn.Module, family: Family, config: Any, router: str | None,
-               router_args: dict[str, Any] | None, backend: str) -> MoE:
+def _build_layer(block: nn.Module, family: Family, config: Any, router: str | None,
+                 router_args: dict[str, Any] | None, backend: str) -> PatchedMoE:
+    """The `PatchedMoE` for one block: moekit parts holding the block's own tensors."""
     hf_experts = getattr(block, family.experts)
     gate_up, down = hf_experts.gate_up_proj, hf_experts.down_proj  # [E, 2F, D], [E, D, F]
     E, two_f, D = gate_up.shape
@@ -228,15 +294,15 @@ def _build_moe(block: nn.Module, family: Family, config: Any, router: str | None
     routes = build_router_for(block, family, config, router, router_args)
     if router is None and family.float32_weights:
         routes.register_forward_pre_hook(_route_in_float32)
-    moe = MoE(
+    moe = HFNamedMoE(
         router=routes,
         experts=experts,
         shared_experts=shared,
-        shared_gate=False,
+        shared_expert_gate=getattr(block, family.shared_gate) if family.shared_gate is not None else None,
+        family=family,
+        order=list(block._modules),
     )
-    if family.shared_gate is not None:
-        moe.shared_expert_gate = getattr(block, family.shared_gate)  # Linear(D, 1), sigmoid applied by MoE
-    return moe
+    return PatchedMoE(moe, family, block)
 
 
 def patch(
@@ -267,7 +333,7 @@ def patch(
         config = _text_config(model)
         adapters = []
         for _, _, block in blocks:
-            adapter = PatchedMoE(_build_moe(block, family, config, router, router_args, backend), family, block)
+            adapter = _build_layer(block, family, config, router, router_args, backend)
             adapter.train(block.training)
             adapters.append(adapter)
     except BaseException:
@@ -341,18 +407,17 @@ def _restored_block(layer: PatchedMoE, config: Any, updates: dict[str, Any]) -> 
             block = type(layer.original)(new_config)
         block.load_state_dict(layer.state_dict(), assign=True, strict=True)
     else:
-        moe = layer.moe
-        if moe.experts.num_experts != getattr(layer.original, layer.family.experts).gate_up_proj.shape[0]:
+        if layer.experts.num_experts != getattr(layer.original, layer.family.experts).gate_up_proj.shape[0]:
             raise NotExpressible(
                 "moekit.hf.unpatch: the experts changed under a router that transformers' "
                 f"{layer.family.name} cannot express; patch back with router=None first"
             )
         hf_experts = getattr(block, layer.family.experts)
-        _share(hf_experts, "gate_up_proj", moe.experts.gate_up_proj)
-        _share(hf_experts, "down_proj", moe.experts.down_proj)
+        _share(hf_experts, "gate_up_proj", layer.experts.gate_up_proj)
+        _share(hf_experts, "down_proj", layer.experts.down_proj)
         hf_gate = getattr(block, layer.family.gate)
         for tname in layer.family.gate_tensors:
-            t, old = getattr(moe.router, tname, None), getattr(hf_gate, tname, None)
+            t, old = getattr(layer.router, tname, None), getattr(hf_gate, tname, None)
             if isinstance(t, Tensor) and isinstance(old, Tensor) and t.shape == old.shape:
                 _share(hf_gate, tname, t)
     block.train(layer.training)
@@ -411,17 +476,17 @@ def config_updates(model: nn.Module) -> dict[str, Any]:
 
 
 def _layer_updates(layer: PatchedMoE, config: Any) -> dict[str, Any]:
-    fam, moe = layer.family, layer.moe
-    rname = type(moe.router).router_name
+    fam = layer.family
+    rname = type(layer.router).router_name
     if rname != fam.router:
         raise NotExpressible(
             f"router {rname!r} has no equivalent in transformers' {fam.name} (it routes like moekit's "
             f"{fam.router!r}); unpatch, or patch back with router=None, before saving"
         )
-    current = router_config(moe.router)["args"]
-    defaults = {p.name: p.default for p in inspect.signature(type(moe.router).__init__).parameters.values()}
+    current = router_config(layer.router)["args"]
+    defaults = {p.name: p.default for p in inspect.signature(type(layer.router).__init__).parameters.values()}
     native = {**defaults, **fam.router_args(config)}
-    ups: dict[str, Any] = {fam.num_experts_key: moe.experts.num_experts}
+    ups: dict[str, Any] = {fam.num_experts_key: layer.experts.num_experts}
     for arg, value in current.items():
         if arg in ("dim", "num_experts") or arg in LOSS_ARGS:
             continue

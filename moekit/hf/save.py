@@ -17,7 +17,8 @@ def save(model: nn.Module, directory: str | Path, **save_kwargs: Any) -> Path:
 
     The patched layers hold the transformers parameter names, so the weights are written by the
     model's own `save_pretrained` (in the family's hub layout). The config is updated where the
-    experts changed: expert count, top-k and the family's routing fields (`config_updates`).
+    experts changed (e.g. by `moekit.layers.keep_experts` / `merge_experts` / `add_experts`): expert
+    count, top-k and the family's routing fields (`config_updates`).
     Raises `NotExpressible` with the reason, writing nothing, when the family's transformers code
     cannot reproduce the patched routing (e.g. a swapped router).
     """

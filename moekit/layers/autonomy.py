@@ -36,6 +36,8 @@ class AutonomyExperts(nn.Module):
         activation: "silu" | "gelu" | "gelu_tanh" | "relu".
     """
 
+    expert_dims = {"gate_b": 0, "up_proj": 0, "down_proj": 0}  # A_e lives in the router
+
     def __init__(self, *, num_experts: int, dim: int, hidden: int, rank: int = 16, activation: str = "silu") -> None:
         super().__init__()
         check_positive_ints("AutonomyExperts: ", num_experts=num_experts, dim=dim, hidden=hidden, rank=rank)

@@ -44,6 +44,8 @@ class Experts(nn.Module):
         backend: dispatch backend name ("auto", "eager", "loop", "grouped").
     """
 
+    expert_dims = {"gate_up_proj": 0, "up_proj": 0, "down_proj": 0}  # per-expert weights (layers.surgery)
+
     def __init__(
         self,
         *,

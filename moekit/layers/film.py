@@ -39,6 +39,8 @@ class FiLMExperts(nn.Module):
     so a model-wide small normal re-init keeps gamma near 1), `shift [E, F]` (beta, init 0).
     """
 
+    expert_dims = {"scale": 0, "shift": 0}  # per-expert modulation; the FFN body is shared
+
     def __init__(self, *, num_experts: int, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
         check_positive_ints("FiLMExperts: ", num_experts=num_experts, dim=dim, hidden=hidden)

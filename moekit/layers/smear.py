@@ -43,6 +43,7 @@ class SmearExperts(nn.Module):
     """
 
     needs_full_sequence = True  # SMEAR merges the experts per example: whole sequences, not a subset of one
+    expert_dims = {"gate_up_proj": 0, "down_proj": 0}  # per-expert weights (layers.surgery)
 
     def __init__(self, *, num_experts: int, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()

@@ -40,6 +40,8 @@ class AttentionRouter(Router):
     = the scores s [T, E] (float32).
     """
 
+    expert_dims = {"query_key_value.weight": (0, 3)}  # q, k, v blocks of E rows each
+
     def __init__(
         self,
         *,

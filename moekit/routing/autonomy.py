@@ -42,6 +42,8 @@ class AutonomyRouter(Router):
     Parameters: `factor_a [E, r, D]`. Logits are the norms [T, E].
     """
 
+    expert_dims = {"factor_a": 0}  # per-expert factors (moekit.layers.surgery)
+
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, rank: int = 16, load_balance: float = 1e-2) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k, losses=dict(load_balance=load_balance))
         check_positive_ints(f"{self.who}: ", rank=rank)

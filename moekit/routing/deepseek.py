@@ -64,6 +64,24 @@ class DeepSeekRouter(Router):
     scores s [T, E] (float32).
     """
 
+    expert_dims = {"weight": 0, "e_score_correction_bias": 0}  # per-expert rows (moekit.layers.surgery)
+
+    def expert_args(self, sources: list[list[int]], requested: dict) -> dict:
+        """Expert-set surgery: keep the n_group groups only if every new expert comes from the old group
+        of its new position (e.g. the same number kept in each group); else ask for new groups."""
+        G = self.n_group
+        if G == 1 or "n_group" in requested:
+            return {}
+        E_new, size = len(sources), self.num_experts // G
+        if E_new % G == 0 and all(
+            src and all(s // size == j // (E_new // G) for s in src) for j, src in enumerate(sources)
+        ):
+            return {}
+        raise ValueError(
+            f"{type(self).__name__}: the new expert set does not keep the {G} groups of {size} consecutive "
+            f"experts (new experts from old ids {sources}); pass router_args={{'n_group': ..., 'topk_group': ...}}"
+        )
+
     def __init__(
         self,
         *,

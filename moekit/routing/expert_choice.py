@@ -39,6 +39,8 @@ class ExpertChoiceRouter(Router):
     a zero expert output), not token-slots. `meta["capacity"]` is C as a LongTensor scalar.
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     variable_k = True
 
     def __init__(

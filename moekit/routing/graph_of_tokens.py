@@ -61,6 +61,7 @@ class GraphOfTokensRouter(Router):
     """
 
     needs_full_sequence = True  # the token graph spans each sequence of `context.seq_len` rows
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
 
     def __init__(
         self,

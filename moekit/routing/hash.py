@@ -55,6 +55,8 @@ class HashRouter(Router):
     """
 
     needs_token_ids = True
+    expert_dims = None  # no expert-set surgery: a hash of (token id, expert id) picks experts, so any
+    # change of the expert set would reassign the tokens of kept experts too
 
     def __init__(self, *, dim: int, num_experts: int, k: int = 1, seed: int = 0) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)

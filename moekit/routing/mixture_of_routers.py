@@ -42,6 +42,8 @@ class MixtureOfRoutersRouter(Router):
     holds a [T, R].
     """
 
+    expert_dims = {"sub_weight": 1}  # [R, E, D]: every sub-router's rows
+
     def __init__(
         self,
         *,

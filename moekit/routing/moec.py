@@ -59,6 +59,8 @@ class MoECRouter(Router):
     becomes empty (-1, weight 0). `meta["rerouted"] [T, k]` marks re-routed slots.
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     def __init__(
         self,
         *,

@@ -57,6 +57,8 @@ class NullExpertsRouter(Router):
     outputs zero, so dropping its slot leaves the layer output unchanged and costs no compute.
     """
 
+    expert_dims = {"weight": 0}  # E real rows, then N null rows that surgery keeps
+
     variable_k = True
 
     def __init__(

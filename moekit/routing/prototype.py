@@ -74,6 +74,22 @@ class PrototypeRouter(Router):
     Parameters: `proj [proto_dim, D]` (Linear), `prototypes [E, proto_dim]`.
     """
 
+    expert_dims = {"prototypes": 0}  # per-expert prototypes (moekit.layers.surgery)
+
+    def expert_args(self, sources: list[list[int]], requested: dict) -> dict:
+        """Expert-set surgery: the unconditional experts must stay last and apart; num_uncond follows them."""
+        if not self.num_uncond or "num_uncond" in requested:
+            return {}
+        first = self.num_experts - self.num_uncond
+        kinds = [bool(src) and all(s >= first for s in src) for src in sources]  # True: unconditional
+        mixed = [j for j, src in enumerate(sources) if not src or any(s >= first for s in src) != kinds[j]]
+        if mixed or kinds != sorted(kinds):
+            raise ValueError(
+                f"{type(self).__name__}: the {self.num_uncond} unconditional experts (ids >= {first}) must stay "
+                f"last and unmixed with conditional or new ones; got new experts from old ids {sources}"
+            )
+        return {"num_uncond": sum(kinds)}
+
     def __init__(
         self,
         *,

@@ -31,6 +31,8 @@ class RandomRouter(Router):
     Logits are the 0/1 indicator [T, E] of the chosen experts.
     """
 
+    expert_dims: dict = {}  # no per-expert tensors: uniform over whatever experts there are
+
     def __init__(self, *, dim: int, num_experts: int, k: int = 2, seed: int = 0) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)
         check_int(self.who, seed=seed)

@@ -45,6 +45,7 @@ class RecurrentRouter(Router):
     """
 
     needs_previous = True  # h_prev: the previous MoE layer's `Routing.state` of the same tokens
+    expert_dims = {"weight": 0}  # the gate's per-expert output rows (the GRU is shared)
 
     def __init__(
         self,

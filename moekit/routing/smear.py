@@ -38,6 +38,7 @@ class SmearRouter(Router):
     """
 
     needs_full_sequence = True  # pools each sequence (prefix) of `context.seq_len` rows
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
 
     def __init__(self, *, dim: int, num_experts: int, causal: bool = True) -> None:
         super().__init__(dim=dim, num_experts=num_experts, gate_outputs=num_experts)

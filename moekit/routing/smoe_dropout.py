@@ -43,6 +43,8 @@ class SMoEDropoutRouter(Router):
     The output width is the current k (so compute grows with it).
     """
 
+    expert_dims = {"weight": 0}  # the frozen gate's rows (moekit.layers.surgery)
+
     def __init__(
         self,
         *,

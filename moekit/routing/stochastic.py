@@ -77,6 +77,8 @@ class StochasticRouter(Router):
     Logits are the 0/1 indicator [T, E] of the chosen experts.
     """
 
+    expert_dims: dict = {}  # no per-expert tensors: uniform over whatever experts there are
+
     def __init__(self, *, dim: int, num_experts: int, k: int = 1, eval_mode: str = "random", seed: int = 0) -> None:
         super().__init__(dim=dim, num_experts=num_experts, k=k)
         check_choice(eval_mode, EVAL_MODES, "eval_mode", self.who)

@@ -38,6 +38,8 @@ class SwitchRouter(Router):
         z_loss: coefficient of the ST-MoE router z-loss.
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     def __init__(
         self,
         *,

@@ -41,6 +41,8 @@ class TopKRouter(Router):
         z_loss: coefficient of the ST-MoE router z-loss.
     """
 
+    expert_dims = {"weight": 0, "noise_weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     def __init__(
         self,
         *,

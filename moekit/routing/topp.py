@@ -37,6 +37,8 @@ class TopPRouter(Router):
     Returns expert_ids/weights [T, max_k], used slots first, unused room -1/0.
     """
 
+    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+
     variable_k = True
 
     def __init__(

@@ -49,6 +49,8 @@ class UncertaintyRouter(Router):
     sigma^2 = softplus(0) = 0.69 at start). Logits are mu [T, E]; `meta["variance"]` holds sigma^2.
     """
 
+    expert_dims = {"weight": 0, "var_weight": 0}  # mean and variance rows
+
     def __init__(
         self,
         *,

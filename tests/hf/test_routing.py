@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import moekit.hf as mh
+from moekit.layers import keep_experts
 from moekit.routing import Routing
 from tests.hf.tiny import tiny_model
 
@@ -79,30 +79,16 @@ def test_native_router_with_a_changed_argument_is_not_expressible():
         mh.save(model, "/nonexistent/never-written")
 
 
-def _keep_experts(layer: mh.PatchedMoE, keep: list[int]) -> None:
-    """Prune the experts of one patched layer to `keep` (what an expert-pruning method does)."""
-    moe = layer.moe
-    idx = torch.tensor(keep)
-    moe.experts.gate_up_proj = nn.Parameter(moe.experts.gate_up_proj.data[idx].clone())
-    moe.experts.down_proj = nn.Parameter(moe.experts.down_proj.data[idx].clone())
-    moe.experts.num_experts = len(keep)
-    moe.router.weight = nn.Parameter(moe.router.weight.data[idx].clone())
-    moe.router.num_experts = len(keep)
-    if hasattr(moe.router, "e_score_correction_bias"):
-        moe.router.e_score_correction_bias = moe.router.e_score_correction_bias[idx].clone()
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_save_with_a_changed_expert_set_updates_the_config(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = mh.patch(tiny_model(family), router_args={"k": 3})
-    for layer in mh.patched_layers(model):
-        _keep_experts(layer, [0, 1, 2, 3, 5, 6] if family == "deepseek_v3" else [0, 2, 3, 5, 6, 7])
-    if family == "deepseek_v3":
-        for layer in mh.patched_layers(model):
-            layer.moe.router.n_group = 2  # 6 experts in 2 groups of 3
-            layer.moe.router.topk_group = 1
+    for layer in mh.patched_layers(model):  # what an expert-pruning method does
+        if family == "deepseek_v3":  # 6 experts in 2 groups of 3
+            keep_experts(layer, [0, 1, 2, 3, 5, 6], router_args={"n_group": 2, "topk_group": 1})
+        else:
+            keep_experts(layer, [0, 2, 3, 5, 6, 7])
     x = ids(1)
     with torch.no_grad():
         want = model(x).logits

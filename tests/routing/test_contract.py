@@ -158,3 +158,109 @@ def test_routers_declare_what_they_need(name):
         prev = Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1), torch.zeros(T, E), E, state=h)
         other = router(x, context=RoutingContext(seq_len=L, token_ids=ids, previous=prev))
         assert torch.equal(other.expert_ids, two.expert_ids)
+
+
+# --- expert-set surgery (DESIGN.md contract 6; moekit.layers.surgery, docs/surgery.md) -----------
+
+KEEP = [1, 2, 4, 5, 6, 7]  # experts 0 and 3 removed
+# Routers whose pruned routing equals the old routing with the removed experts' scores at -inf.
+MASKED = {"topk", "switch", "moec", "recurrent", "autonomy", "smoe_dropout", "prototype", "uncertainty",
+          "null_experts", "topp", "smear", "deepseek"}
+# The others, and why "equal to masking" does not hold for them:
+NOT_MASKED = {
+    "expert_choice": "each expert's capacity ceil(cf T k / E) depends on E, and removed experts took tokens",
+    "graph_of_tokens": "the token graph uses every expert's score as a token feature",
+    "attention": "the experts' scores attend to each other: a removed expert changed the others' scores",
+    "mixture_of_routers": "each sub-router renormalises over the kept experts (masking at the sub-router logits, "
+                          "which the returned logits, a log of the mixture, do not show)",
+    "random": "a random draw over the new experts", "stochastic": "a random draw over the new experts",
+}
+REFUSED = {"hash"}  # experts come from a hash of (token id, expert id): no surgery
+SURGERY_ARGS = {"switch": {"capacity_factor": None}}  # capacity depends on E (see NOT_MASKED's expert_choice)
+
+
+def test_every_router_declares_its_per_expert_tensors(name):
+    cls = get_router(name)
+    assert "expert_dims" in vars(cls), f"{cls.__name__} must declare expert_dims (None: no surgery)"
+    assert name in MASKED | set(NOT_MASKED) | REFUSED
+
+
+def _dense(ids: torch.Tensor, weights: torch.Tensor, E: int) -> torch.Tensor:
+    """[T, E] mixing weight of every expert (slots with ids outside [0, E) dropped)."""
+    ok = (ids >= 0) & (ids < E)
+    out = torch.zeros(ids.shape[0], E + 1, dtype=torch.float32)
+    return out.scatter_add(1, torch.where(ok, ids, E), torch.where(ok, weights.float(), 0.0))[:, :E]
+
+
+def _masked_reference(name: str, old: torch.nn.Module, r: Routing, removed: torch.Tensor) -> torch.Tensor:
+    """[T, E] mixing weights of the OLD router with the removed experts' scores at -inf, computed from
+    what it returned (logits, meta) and its arguments."""
+    inf = float("-inf")
+    if name == "deepseek":
+        s = r.meta["scores"]
+        choice = (s + old.e_score_correction_bias.float()).masked_fill(removed, inf)
+        ids = choice.topk(old.k, dim=-1).indices
+        w = s.gather(1, ids)
+        return _dense(ids, w / w.sum(-1, keepdim=True) * old.routed_scaling_factor, E)
+    scores = r.logits.float()
+    if name == "uncertainty":  # weights from the variance-tempered scores
+        scores = scores / torch.sqrt(1.0 + torch.pi * r.meta["variance"] / 8.0)
+    if name == "null_experts":
+        removed = torch.cat([removed, torch.zeros(old.num_null, dtype=torch.bool)])
+    probs = torch.softmax(scores.masked_fill(removed, inf), dim=-1)
+    if name == "smear":
+        return probs
+    if name == "topp":
+        top, ids = probs.sort(dim=-1, descending=True)
+        used = (top.cumsum(-1) - top) < old.p
+        return _dense(torch.where(used, ids, -1), top, E)
+    w, ids = probs.topk(old.nominal_k, dim=-1)
+    if getattr(old, "normalize", name == "autonomy"):
+        w = w / w.sum(-1, keepdim=True)
+    return _dense(ids, w, E)
+
+
+def test_keep_experts_equals_masking_the_removed_experts(name):
+    """After keep_experts the layer routes and computes as the old layer with the removed experts'
+    scores at -inf (MASKED); for the others the new routing is valid over the kept experts and, where
+    logits are the gate's scores, they are the old logits of the kept experts."""
+    import copy
+
+    from moekit.layers import keep_experts
+    from moekit.layers.smear import dense_weights
+
+    router = build_router(name, dim=D, num_experts=E, **SURGERY_ARGS.get(name, {})).eval()
+    if name == "deepseek":
+        router.e_score_correction_bias.uniform_(-0.3, 0.3)
+    experts = Experts(num_experts=E, dim=D, hidden=32)
+    moe = MoE(router=router, experts=experts).eval()
+    if name in REFUSED:
+        with pytest.raises(ValueError, match=f"{type(router).__name__}.*cannot change its expert set"):
+            keep_experts(moe, KEEP)
+        assert router.num_experts == E and experts.num_experts == E
+        return
+    old = copy.deepcopy(moe)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        y_old, r_old = old(x, context=context_for(T))
+        keep_experts(moe, KEEP)
+        y, r = moe(x, context=context_for(T))
+    assert router.num_experts == len(KEEP) == experts.num_experts == r.num_experts
+    assert int(r.expert_ids.max()) < len(KEEP)
+    clone = router_from_config(router_config(router))  # the config describes the pruned router
+    clone.load_state_dict(router.state_dict())
+    if name not in ("attention", "mixture_of_routers", "random", "stochastic"):
+        n_extra = r_old.logits.shape[1] - E  # null experts' columns stay
+        torch.testing.assert_close(r.logits, torch.cat([r_old.logits[:, KEEP], r_old.logits[:, E:E + n_extra]], 1))
+    if name not in MASKED:
+        return
+    removed = torch.ones(E, dtype=torch.bool)
+    removed[KEEP] = False
+    want = _masked_reference(name, old.router, r_old, removed)  # [T, E]
+    assert torch.all(want[:, removed] == 0)
+    torch.testing.assert_close(dense_weights(r).float(), want[:, KEEP], atol=1e-6, rtol=1e-5)
+    ids = torch.arange(E).expand(T, E)  # the old experts under the masked routing
+    with torch.no_grad():
+        y_want = old.experts(x, Routing(ids.contiguous(), want.to(x.dtype), want, E))
+    torch.testing.assert_close(y, y_want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(y, y_old, atol=1e-4), "removing experts should change some outputs"
