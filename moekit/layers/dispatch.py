@@ -122,7 +122,8 @@ def plan(expert_ids: Tensor, num_experts: int, *, offset: int = 0, num_local: in
     """Sort the [T, k] slots of experts [offset, offset + num_local) (default: all `num_experts`) by expert
     id, then slot, then token. Ids must be in [-1, num_experts); slots of -1 and of other experts are cut off."""
     num_local = num_experts - offset if num_local is None else num_local
-    if offset or num_local != num_experts:
+    whole = offset == 0 and num_local == num_experts
+    if not whole:
         check_expert_slice("plan", num_experts, offset, num_local)
     T, k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)  # [k*T], slot-major
@@ -132,9 +133,13 @@ def plan(expert_ids: Tensor, num_experts: int, *, offset: int = 0, num_local: in
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.min())}") from None
     if len(counts) > num_experts + 1:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.max())}")
-    local = counts[1 + offset : 1 + offset + num_local]
-    start = counts[0] + sum(counts[1 : 1 + offset])  # sorted position of expert `offset`'s first slot
-    by_slot = torch.argsort(flat, stable=True)[start : start + sum(local)]  # positions j*T + t
+    if whole:  # every slot but the -1 ones
+        local, start, end = counts[1:], counts[0], None
+    else:
+        local = counts[1 + offset : 1 + offset + num_local]
+        start = counts[0] + sum(counts[1 : 1 + offset])  # sorted position of expert `offset`'s first slot
+        end = start + sum(local)
+    by_slot = torch.argsort(flat, stable=True)[start:end]  # positions j*T + t
     order = (by_slot % T) * k + by_slot // T  # -> positions t*k + j in the row-major [T*k] slots
     return Plan(order=order, token=order // k, counts=local, expert_ids=expert_ids, offset=offset)
 
