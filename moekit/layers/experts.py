@@ -74,7 +74,7 @@ class Experts(nn.Module):
         get_backend(backend)  # fail early on an unknown name
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.activation, self.gated, self.backend = activation, gated, backend
-        self.num_local_experts, self.expert_offset = num_local, expert_offset
+        self.expert_offset = expert_offset
         if gated:
             self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * hidden, dim))
         else:
@@ -92,6 +92,12 @@ class Experts(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         """dtype of the weights, which the input must have (outside torch.autocast)."""
         return self.down_proj.dtype
+
+    @property
+    def num_local_experts(self) -> int:
+        """E_local, the experts this layer holds: the weights' leading dimension (code that changes the
+        expert set by replacing the weights and `num_experts` keeps a whole layer whole)."""
+        return self.down_proj.shape[0]
 
     @property
     def sharded(self) -> bool:

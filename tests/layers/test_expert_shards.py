@@ -211,3 +211,15 @@ def test_sharded_config_round_trip_and_whole_layer_config_unchanged():
     torch.testing.assert_close(again.up_proj, full.up_proj[2:5])
     assert "num_local_experts=3, expert_offset=2" in repr(again)
     assert shard.up_proj.data_ptr() != full.up_proj.data_ptr()  # a copy: training a shard leaves the whole
+
+
+def test_replacing_the_weights_and_num_experts_keeps_a_whole_layer_whole():
+    """What pruning code does today (tests/hf/test_routing.py): E_local follows the weights."""
+    experts = Experts(num_experts=8, dim=8, hidden=8)
+    keep = torch.tensor([0, 2, 3, 5, 6, 7])
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.data[keep].clone())
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.data[keep].clone())
+    experts.num_experts = 6
+    assert experts.num_local_experts == 6 and not experts.sharded and "expert_offset" not in experts.config()
+    routing = random_routing(9, 6, 2)
+    assert experts(torch.randn(9, 8), routing, backend="loop").shape == (9, 8)
