@@ -1,9 +1,19 @@
 """Dispatch backends: how tokens reach their experts. Chosen by name; every backend gives the
 results of `eager` (the reference) within floating-point tolerance, gradients included.
 
-A backend is `fn(x, expert_ids, weights, experts) -> Tensor[T, D]`, where `experts` exposes
-`num_experts`, `gated`, `act`, the fused weights (`gate_up_proj [E, 2F, D]` or `up_proj [E, F, D]`,
-and `down_proj [E, D, F]`). Slots with id -1 are skipped (no compute, zero contribution).
+A backend is `fn(x, plan, weights, experts) -> Tensor[T, D]`: x [T, D], the token `Plan` of the experts
+the layer owns (`plan(expert_ids, E, offset=..., num_local=...)`: experts [offset, offset + E_local) of a
+global E; all E in one process), the routing weights [T, k], and `experts`, which exposes `gated`, `act`
+and the fused weights of its experts only (`gate_up_proj [E_local, 2F, D]` or `up_proj [E_local, F, D]`,
+and `down_proj [E_local, D, F]`). Slots with id -1, and slots of experts the layer does not own, are
+skipped (no compute, zero contribution).
+
+The sorted backends run in three stages, the seam of expert parallelism (DESIGN.md, contract 3):
+`gather` (the plan's rows [N, D], sorted by expert), an expert-compute stage on contiguous per-expert
+slices (`loop_compute`, `grouped_compute`: `fn(xs, counts, W1, W2, experts) -> ys`), and `combine` (the
+weighted sum back to tokens). Expert parallelism exchanges the gathered rows between ranks before the
+compute stage and the outputs back before `combine` (docs/performance.md); routers and the layer are
+untouched.
 
 Input and weights share one dtype (`Experts.forward` checks it), except inside `torch.autocast`: there
 every backend runs the expert matmuls in the autocast dtype, as `nn.Linear` would (`_operands`).
@@ -19,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.layers.fused_mlp import fused_expert_mlp
+from moekit.layers.fused_mlp import check_sorted_rows, fused_expert_mlp
 from moekit.utils.registry import Registry
 
-Backend = Callable[[Tensor, Tensor, Tensor, "torch.nn.Module"], Tensor]
+Backend = Callable[[Tensor, "Plan", Tensor, "torch.nn.Module"], Tensor]
 BACKENDS: Registry[Backend] = Registry("dispatch backend")
 
 
@@ -73,36 +83,39 @@ def _expert_mlp(h: Tensor, experts) -> Tensor:
     return experts.act(h)
 
 
-@register_backend("eager")
-def eager(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Reference: a plain loop over experts, gather -> MLP -> weighted scatter-add. Simplest correct code.
-    An expert's rows come by slot, then token: the order of transformers' eager experts."""
-    x, W1, W2, _ = _operands(x, experts)
-    out = torch.zeros_like(x)
-    for e in range(experts.num_experts):
-        slot, tok = torch.where(expert_ids.t() == e)
-        if tok.numel() == 0:
-            continue
-        h = x[tok] @ W1[e].t()  # [n, D] x [D, 2F] -> [n, 2F]
-        y = _expert_mlp(h, experts) @ W2[e].t()  # [n, F] x [F, D] -> [n, D]
-        out = out.index_add(0, tok, _weighted(y, weights[tok, slot]))
-    return out
+def check_expert_slice(who: str, num_experts: int, offset: int, num_local: int) -> None:
+    """Raise ValueError unless [offset, offset + num_local) is a non-empty range of expert ids in [0, num_experts)."""
+    for name, v in (("expert_offset", offset), ("num_local_experts", num_local)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{who}: {name} must be an integer, got {v!r}")
+    if num_local < 1 or offset < 0 or offset + num_local > num_experts:
+        raise ValueError(
+            f"{who}: experts [expert_offset, expert_offset + num_local_experts) must lie in [0, {num_experts}) "
+            f"with at least one expert, got expert_offset={offset}, num_local_experts={num_local}"
+        )
 
 
 @dataclass
 class Plan:
-    """Token-slots sorted by expert: `token[i]` is the token of sorted slot i; `counts[e]` rows per expert.
-    Within an expert, rows come by slot, then token (as in `eager` and transformers: a GEMM's result for
-    a row may depend on where the row sits in the block, rarely, in the last bit)."""
+    """Token-slots of the planned experts, sorted by expert: `token[i]` is the token of sorted slot i;
+    `counts[e]` rows of expert `offset + e`. Within an expert, rows come by slot, then token (as in `eager`
+    and transformers: a GEMM's result for a row may depend on where the row sits in the block, rarely, in
+    the last bit). Slots of -1 and of experts outside [offset, offset + len(counts)) are not in the plan."""
 
-    order: Tensor  # [N] indices into the flattened [T*k] slots, sorted by expert (empty slots removed)
+    order: Tensor  # [N] indices into the flattened [T*k] slots, sorted by expert (unplanned slots removed)
     token: Tensor  # [N] token index of each sorted slot
-    counts: list[int]  # [E] rows per expert (host ints: one sync per layer call)
-    expert_ids: Tensor  # [T, k] the slots planned
+    counts: list[int]  # [E_local] rows per planned expert (host ints: one sync per layer call)
+    expert_ids: Tensor  # [T, k] the slots planned (global expert ids)
+    offset: int = 0  # global id of the first planned expert
 
 
-def plan(expert_ids: Tensor, num_experts: int) -> Plan:
-    """Sort the [T, k] slots by expert id, then slot, then token; slots of -1 sort first and are cut off."""
+def plan(expert_ids: Tensor, num_experts: int, *, offset: int = 0, num_local: int | None = None) -> Plan:
+    """Sort the [T, k] slots of experts [offset, offset + num_local) (default: all `num_experts`) by expert
+    id, then slot, then token. Ids must be in [-1, num_experts); slots of -1 and of other experts are cut off."""
+    num_local = num_experts - offset if num_local is None else num_local
+    whole = offset == 0 and num_local == num_experts
+    if not whole:
+        check_expert_slice("plan", num_experts, offset, num_local)
     T, k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)  # [k*T], slot-major
     try:
@@ -111,9 +124,37 @@ def plan(expert_ids: Tensor, num_experts: int) -> Plan:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.min())}") from None
     if len(counts) > num_experts + 1:
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.max())}")
-    by_slot = torch.argsort(flat, stable=True)[counts[0]:]  # positions j*T + t
+    if whole:  # every slot but the -1 ones
+        local, start, end = counts[1:], counts[0], None
+    else:
+        local = counts[1 + offset : 1 + offset + num_local]
+        start = counts[0] + sum(counts[1 : 1 + offset])  # sorted position of expert `offset`'s first slot
+        end = start + sum(local)
+    by_slot = torch.argsort(flat, stable=True)[start:end]  # positions j*T + t
     order = (by_slot % T) * k + by_slot // T  # -> positions t*k + j in the row-major [T*k] slots
-    return Plan(order=order, token=order // k, counts=counts[1:], expert_ids=expert_ids)
+    return Plan(order=order, token=order // k, counts=local, expert_ids=expert_ids, offset=offset)
+
+
+@register_backend("eager")
+def eager(x: Tensor, p: Plan, weights: Tensor, experts) -> Tensor:
+    """Reference: a plain loop over the planned experts, gather -> MLP -> weighted scatter-add. Simplest
+    correct code (it reads only which experts the plan covers, not its sort). An expert's rows come by
+    slot, then token: the order of transformers' eager experts."""
+    x, W1, W2, _ = _operands(x, experts)
+    out = torch.zeros_like(x)
+    for e in range(len(p.counts)):  # local index e: global expert p.offset + e
+        slot, tok = torch.where(p.expert_ids.t() == p.offset + e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ W1[e].t()  # [n, D] x [D, 2F] -> [n, 2F]
+        y = _expert_mlp(h, experts) @ W2[e].t()  # [n, F] x [F, D] -> [n, D]
+        out = out.index_add(0, tok, _weighted(y, weights[tok, slot]))
+    return out
+
+
+def gather(x: Tensor, p: Plan) -> Tensor:
+    """Stage 1 of the sorted backends: the plan's rows of x [T, D] -> [N, D], sorted by expert."""
+    return x.index_select(0, p.token)
 
 
 def _weighted(y: Tensor, w: Tensor) -> Tensor:
@@ -127,8 +168,9 @@ def _weighted(y: Tensor, w: Tensor) -> Tensor:
 _EXACT_INDEX_ADD = (torch.float32, torch.float64)
 
 
-def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
-    """Weighted sum of sorted expert outputs ys [N, D] back to tokens -> [T, D].
+def combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
+    """Stage 3 of the sorted backends: weighted sum of the plan's expert outputs ys [N, D] back to
+    tokens -> [T, D] (weights [T, k]; slots outside the plan contribute zero).
 
     Each token's slots are added one at a time in increasing expert order, rounding after each
     add: the order and rounding of `eager` (one index_add per expert), so 16-bit results do not
@@ -157,17 +199,32 @@ def _combine(ys: Tensor, p: Plan, weights: Tensor, T: int) -> Tensor:
     return out
 
 
+ExpertCompute = Callable[[Tensor, list[int], Tensor, Tensor, "torch.nn.Module"], Tensor]
+
+
+def run_sorted(x: Tensor, p: Plan, weights: Tensor, experts, compute: ExpertCompute) -> Tensor:
+    """A sorted backend: `gather` -> `compute(xs, counts, W1, W2, experts)` -> `combine`, with x and the
+    weights in autocast's dtype inside `torch.autocast` (the compute stage runs with autocast off).
+    Expert parallelism puts its exchange of rows between the stages (docs/performance.md)."""
+    x, W1, W2, no_autocast = _operands(x, experts)
+    xs = gather(x, p)  # [N, D]
+    with no_autocast:
+        ys = compute(xs, p.counts, W1, W2, experts)  # [N, D]
+    return combine(ys, p, weights, x.shape[0])
+
+
+def loop_compute(xs: Tensor, counts: list[int], W1: Tensor, W2: Tensor, experts) -> Tensor:
+    """Expert compute of `loop`: xs [N, D] sorted by expert, counts [E_local], W1 [E_local, 2F or F, D],
+    W2 [E_local, D, F] -> ys [N, D], per expert on its contiguous slice in one autograd node."""
+    return fused_expert_mlp(xs, W1, W2, counts, experts.act, experts.gated)
+
+
 @register_backend("loop")
-def loop(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
+def loop(x: Tensor, p: Plan, weights: Tensor, experts) -> Tensor:
     """Sort slots by expert, then per expert: gate_up -> activation -> down on its contiguous slice,
     all in one autograd node (cache-sized intermediates; weight gradients written in place, no
     per-expert full-size gradient)."""
-    x, W1, W2, no_autocast = _operands(x, experts)
-    p = plan(expert_ids, experts.num_experts)
-    xs = x.index_select(0, p.token)  # [N, D]
-    with no_autocast:
-        ys = fused_expert_mlp(xs, W1, W2, p.counts, experts.act, experts.gated)
-    return _combine(ys, p, weights, x.shape[0])
+    return run_sorted(x, p, weights, experts, loop_compute)
 
 
 # The dtypes torch's grouped_mm takes (float64 is refused).
@@ -205,37 +262,39 @@ def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     return y
 
 
-@register_backend("grouped")
-def grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
-    """Sort slots by expert and run each projection as one `torch.nn.functional.grouped_mm` (any D
-    and F: rows are padded to the stride the kernel needs, see `_grouped_mm`)."""
-    x, W1, W2, no_autocast = _operands(x, experts)
+def grouped_compute(xs: Tensor, counts: list[int], W1: Tensor, W2: Tensor, experts) -> Tensor:
+    """Expert compute of `grouped`: each projection over all experts' slices as one `grouped_mm`
+    (shapes as `loop_compute`). Raises when this torch has no grouped_mm or it does not take xs's dtype."""
     if not hasattr(F, "grouped_mm"):
         raise RuntimeError(
             "dispatch backend 'grouped' needs torch.nn.functional.grouped_mm (torch >= 2.9); "
             "upgrade torch or use backend='loop'"
         )
-    if not grouped_mm_available(x.device, x.dtype):
+    if not grouped_mm_available(xs.device, xs.dtype):
         raise TypeError(
             f"dispatch backend 'grouped': torch's grouped_mm takes {', '.join(map(str, GROUPED_MM_DTYPES))}, "
-            f"not {x.dtype}; use backend='loop' (same results) or convert the layer"
+            f"not {xs.dtype}; use backend='loop' (same results) or convert the layer"
         )
-    p = plan(expert_ids, experts.num_experts)
-    xs = x.index_select(0, p.token)  # [N, D]
-    offs = torch.tensor(p.counts, device=x.device).cumsum(0).to(torch.int32)
-    with no_autocast:
-        h = _grouped_mm(xs, W1, offs)  # [N, 2F]
-        ys = _grouped_mm(_expert_mlp(h, experts), W2, offs)  # [N, D]
-    return _combine(ys, p, weights, x.shape[0])
+    check_sorted_rows("grouped_compute", xs, counts, W1)
+    offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+    h = _grouped_mm(xs, W1, offs)  # [N, 2F]
+    return _grouped_mm(_expert_mlp(h, experts), W2, offs)  # [N, D]
 
 
-def _auto(x: Tensor, expert_ids: Tensor, weights: Tensor, experts) -> Tensor:
+@register_backend("grouped")
+def grouped(x: Tensor, p: Plan, weights: Tensor, experts) -> Tensor:
+    """Sort slots by expert and run each projection as one `torch.nn.functional.grouped_mm` (any D
+    and F: rows are padded to the stride the kernel needs, see `_grouped_mm`)."""
+    return run_sorted(x, p, weights, experts, grouped_compute)
+
+
+def _auto(x: Tensor, p: Plan, weights: Tensor, experts) -> Tensor:
     """Pick by device and shape (see docs/performance.md): grouped_mm on CUDA in 16-bit (the input's
     dtype, or autocast's inside torch.autocast), else loop."""
     dtype = autocast_dtype(x) or x.dtype
     if x.is_cuda and dtype in (torch.bfloat16, torch.float16) and grouped_mm_available(x.device, dtype):
-        return grouped(x, expert_ids, weights, experts)
-    return loop(x, expert_ids, weights, experts)
+        return grouped(x, p, weights, experts)
+    return loop(x, p, weights, experts)
 
 
 register_backend("auto")(_auto)  # by device and dtype; not a backend of its own

@@ -25,6 +25,14 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def check_sorted_rows(who: str, x: Tensor, counts: list[int], w1: Tensor) -> None:
+    """Raise ValueError unless `counts` has one entry per expert of w1 [E, O, I] and sums to x's rows."""
+    if len(counts) != w1.shape[0]:
+        raise ValueError(f"{who}: counts has {len(counts)} entries but the weights hold {w1.shape[0]} experts")
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"{who}: counts sum to {sum(counts)} but x has {x.shape[0]} rows")
+
+
 def _forward(x: Tensor, w1: Tensor, w2: Tensor, segs, act: Activation, gated: bool, keep_h: bool):
     N = x.shape[0]
     F_ = w2.shape[2]
@@ -84,8 +92,7 @@ def fused_expert_mlp(
     """x: [N, D] rows sorted by expert, w1: [E, 2F or F, D], w2: [E, D, F], counts: rows per expert -> [N, D].
     `act`: an `Activation` (e.g. `Experts.act`) or the name of one without arguments."""
     act = get_activation(act) if isinstance(act, str) else act
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"fused_expert_mlp: counts sum to {sum(counts)} but x has {x.shape[0]} rows")
+    check_sorted_rows("fused_expert_mlp", x, counts, w1)
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
         return FusedExpertMLPFn.apply(x, w1, w2, counts, act, gated)
     return _forward(x, w1, w2, _segments(counts), act, gated, keep_h=False)[0]
