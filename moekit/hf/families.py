@@ -61,6 +61,8 @@ def _topk(normalize: Callable[[Any], bool], order: str = "softmax_topk") -> Call
             "noise": "jitter" if jitter > 0 else "none",
             "noise_eps": jitter if jitter > 0 else 1e-2,
             "load_balance": float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0),
+            "routed_scale": 1.0,  # transformers' top-k families have no routed scaling
+            "selection_bias": False,  # nor a selection bias
         }
 
     return args

@@ -94,10 +94,15 @@ def renormalize(weights: Tensor, eps: float = 1e-20) -> Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def top_k(probs: Tensor, k: int, *, normalize: bool) -> tuple[Tensor, Tensor]:
+def top_k(probs: Tensor, k: int, *, normalize: bool, select: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """probs [T, E] -> (weights [T, k], expert ids [T, k]) of the k largest, rescaled to sum 1 per row
-    when `normalize` (`renormalize`)."""
-    weights, ids = torch.topk(probs, k, dim=-1)
+    when `normalize` (`renormalize`). `select` [T, E]: choose the k largest of these scores instead
+    (`Router.biased(probs)`), still weighting by `probs`."""
+    if select is None or select is probs:
+        weights, ids = torch.topk(probs, k, dim=-1)
+    else:
+        ids = torch.topk(select, k, dim=-1).indices
+        weights = probs.gather(1, ids)
     if normalize:
         weights = renormalize(weights)
     return weights, ids
@@ -125,6 +130,15 @@ class Router(nn.Module):
 
     `k`, when given, is checked (an integer in [1, num_experts]) and stored as `self.k`.
 
+    Two options top-k style routers opt into by passing them on (stored under their own names):
+        routed_scale: a finite number > 0 that multiplies the routed weights (`scale_weights`): with
+            `normalize=True` and `routed_scale=k` the k weights sum to k, so k experts of width F start
+            at the output scale of a dense FFN of width k*F (DeepSeek-V3's routed scaling factor).
+        selection_bias: keep DeepSeek-V3's auxiliary-loss-free balancing bias, the float32 buffer
+            `e_score_correction_bias [gate_outputs]`: routers choose experts by `biased(scores)` but weight
+            them by the unbiased scores; in training `maybe_update_bias(ids)` moves it by
+            `bias_update_rate * sign(mean load - load_i)`. `has_selection_bias` says whether a router has one.
+
     Class attributes routers override to say what they need and do (generic code asks these, never names):
         variable_k: the number of experts per token varies by token (top-p, null experts, expert
             choice); `nominal_k` is then a bound or an average, not what every token uses.
@@ -148,6 +162,9 @@ class Router(nn.Module):
         k: int | None = None,
         gate_outputs: int | None = None,
         losses: dict[str, float] | None = None,
+        routed_scale: float | None = None,
+        selection_bias: bool | None = None,
+        bias_update_rate: float | None = None,
     ) -> None:
         super().__init__()
         who = self.who
@@ -165,6 +182,60 @@ class Router(nn.Module):
         if gate_outputs is not None:
             self.weight = nn.Parameter(torch.empty(gate_outputs, dim))
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
+        if routed_scale is not None:
+            if isinstance(routed_scale, bool) or not isinstance(routed_scale, int | float) or not (
+                math.isfinite(routed_scale) and routed_scale > 0
+            ):
+                raise ValueError(f"{who}: routed_scale must be a finite number > 0, got {routed_scale!r}")
+            self.routed_scale = routed_scale
+        if bias_update_rate is not None:
+            check_nonnegative(who, bias_update_rate=bias_update_rate)
+            self.bias_update_rate = bias_update_rate
+        if selection_bias is not None:
+            if not isinstance(selection_bias, bool):
+                raise ValueError(f"{who}: selection_bias must be True or False, got {selection_bias!r}")
+            self.selection_bias = selection_bias
+            if selection_bias:
+                self.register_buffer("e_score_correction_bias", torch.zeros(gate_outputs or num_experts))
+
+    @property
+    def has_selection_bias(self) -> bool:
+        """Whether the router chooses experts by scores plus the balancing bias `e_score_correction_bias`."""
+        return isinstance(getattr(self, "e_score_correction_bias", None), Tensor)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep the selection bias in float32 when the module is cast (as HF's _keep_in_fp32_modules_strict):
+        # updates of ~1e-3 vanish in bf16 once |b| grows past ~0.25. Moves to other devices still apply.
+        if not self.has_selection_bias:
+            return super()._apply(fn, recurse)
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        device = self.e_score_correction_bias.device
+        self.e_score_correction_bias = bias.to(device=device, dtype=torch.float32)
+        return self
+
+    def scale_weights(self, weights: Tensor) -> Tensor:
+        """weights [T, k] times `routed_scale` (unchanged, not even multiplied, when it is 1 or unset)."""
+        scale = getattr(self, "routed_scale", 1.0)
+        return weights if scale == 1 else weights * scale
+
+    def biased(self, scores: Tensor) -> Tensor:
+        """scores [T, E] (float32) plus the selection bias, for choosing experts only; unchanged without one."""
+        return scores + self.e_score_correction_bias.float() if self.has_selection_bias else scores
+
+    def maybe_update_bias(self, expert_ids: Tensor) -> None:
+        """In training mode, with a selection bias and `bias_update_rate` > 0: `update_bias(expert_ids)`."""
+        if self.training and self.has_selection_bias and getattr(self, "bias_update_rate", 0.0):
+            self.update_bias(expert_ids)
+
+    @torch.no_grad()
+    def update_bias(self, expert_ids: Tensor) -> None:
+        """b_i += bias_update_rate * sign(mean load - load_i), loads counted from expert_ids [T, k] over
+        this call's tokens (ids < 0, empty slots, are not counted; under data parallelism, per rank)."""
+        b = self.e_score_correction_bias
+        load = torch.bincount(expert_ids.reshape(-1) + 1, minlength=b.numel() + 1)[1:].float()  # [E], -1 dropped
+        delta = torch.sign(load.mean() - load) * self.bias_update_rate
+        b.add_(delta.to(b.dtype))
 
     @property
     def who(self) -> str:

@@ -23,7 +23,6 @@ from moekit.routing.base import (
     check_choice,
     check_input,
     check_logits,
-    check_nonnegative,
     check_positive,
     seq_len_of,
 )
@@ -102,6 +101,7 @@ class DeepSeekRouter(Router):
         super().__init__(
             dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
+            selection_bias=True, bias_update_rate=bias_update_rate,
         )
         who = self.who
         check_choice(scoring, SCORINGS, "scoring", who)
@@ -121,24 +121,12 @@ class DeepSeekRouter(Router):
                 f"= {topk_group * (num_experts // n_group)}"
             )
         check_positive(who, routed_scaling_factor=routed_scaling_factor)
-        check_nonnegative(who, bias_update_rate=bias_update_rate)
         self.scoring = scoring
         self.n_group = n_group
         self.topk_group = topk_group
         self.group_score = group_score
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
-        self.bias_update_rate = bias_update_rate
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Keep the bias in float32 when the module is cast (as HF's _keep_in_fp32_modules_strict):
-        # updates of ~1e-3 vanish in bf16 once |b| grows past ~0.25. Moves to other devices still apply.
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        device = self.e_score_correction_bias.device
-        self.e_score_correction_bias = bias.to(device=device, dtype=torch.float32)
-        return self
 
     def select(self, scores: Tensor) -> Tensor:
         """scores s [T, E] (float32) -> chosen expert ids [T, k] by group-limited top-k of s + b."""
@@ -182,13 +170,5 @@ class DeepSeekRouter(Router):
                 load_balance=self.load_balance, seq_balance=self.seq_balance, z=self.z_loss,
                 seq_len=seq_len_of(context),
             )
-        if self.training and self.bias_update_rate:
-            self.update_bias(ids)
+        self.maybe_update_bias(ids)
         return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux, meta={"scores": scores})
-
-    @torch.no_grad()
-    def update_bias(self, expert_ids: Tensor) -> None:
-        """b_i += bias_update_rate * sign(mean load - load_i), loads counted from expert_ids [T, k]."""
-        load = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).float()  # [E]
-        delta = torch.sign(load.mean() - load) * self.bias_update_rate
-        self.e_score_correction_bias.add_(delta.to(self.e_score_correction_bias.dtype))

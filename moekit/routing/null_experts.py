@@ -51,6 +51,8 @@ class NullExpertsRouter(Router):
         normalize: rescale the k chosen probabilities (nulls included) to sum 1, as Mixtral.
         load_balance: coefficient of the null-aware load-balance loss (`null_load_balance_loss`).
         z_loss: coefficient of the ST-MoE router z-loss over all E + N logits.
+        routed_scale: multiplies the k weights, null slots' included (`Router.scale_weights`; 1.0: off).
+            No selection bias here: it would push the (identical) null experts to balance among themselves.
 
     Returns expert_ids/weights [T, k] with null slots as -1/0, logits [T, E + N], and
     `meta["null_weight"] [T, k]`: the weight a null slot had (0 on real slots). A null expert
@@ -71,12 +73,13 @@ class NullExpertsRouter(Router):
         normalize: bool = True,
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
+        routed_scale: float = 1.0,
     ) -> None:
         who = type(self).__name__
         check_positive_ints(f"{who}: ", num_null=num_null)
         super().__init__(
             dim=dim, num_experts=num_experts, gate_outputs=num_experts + num_null,
-            losses=dict(load_balance=load_balance, z_loss=z_loss),
+            losses=dict(load_balance=load_balance, z_loss=z_loss), routed_scale=routed_scale,
         )
         M = num_experts + num_null
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= M:
@@ -89,6 +92,7 @@ class NullExpertsRouter(Router):
         """x: [T, D] -> Routing with expert_ids/weights [T, k], logits [T, E + N]."""
         logits = self.gate_logits(x)  # [T, E + N]
         probs, weights, ids = softmax_top_k(logits, self.k, normalize=self.normalize)  # [T, E + N]; [T, k] over both
+        weights = self.scale_weights(weights)
         is_null = ids >= self.num_experts  # [T, k]
         zero = torch.zeros((), device=weights.device, dtype=weights.dtype)
         aux: dict[str, Tensor] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Router, jitter, seq_len_of
+from moekit.routing.base import Router, jitter, seq_len_of, top_k
 from moekit.routing.capacity import apply_capacity
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
@@ -36,9 +36,13 @@ class SwitchRouter(Router):
         load_balance: coefficient alpha of the load-balance loss (paper: 1e-2); computed on the
             choices before capacity, as in the paper.
         z_loss: coefficient of the ST-MoE router z-loss.
+        routed_scale: multiplies the weights (`Router.scale_weights`; 1.0: off).
+        selection_bias: choose experts by p + DeepSeek-V3's balancing bias `e_score_correction_bias [E]`,
+            weighting them by p; off by default.
+        bias_update_rate: with `selection_bias`, the bias's step per training call (DeepSeek-V3: 1e-3).
     """
 
-    expert_dims = {"weight": 0}  # per-expert rows (moekit.layers.surgery)
+    expert_dims = {"weight": 0, "e_score_correction_bias": 0}  # per-expert rows (moekit.layers.surgery)
 
     def __init__(
         self,
@@ -50,10 +54,14 @@ class SwitchRouter(Router):
         jitter_eps: float = 1e-2,
         load_balance: float = 1e-2,
         z_loss: float = 0.0,
+        routed_scale: float = 1.0,
+        selection_bias: bool = False,
+        bias_update_rate: float = 1e-3,
     ) -> None:
         super().__init__(
             dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, z_loss=z_loss),
+            routed_scale=routed_scale, selection_bias=selection_bias, bias_update_rate=bias_update_rate,
         )
         who = self.who
         if capacity_factor is not None and not (
@@ -72,12 +80,13 @@ class SwitchRouter(Router):
             x = jitter(x, self.jitter_eps)
         logits = self.gate_logits(x)  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-        weights, ids = torch.topk(probs, self.k, dim=-1)  # [T, k], weight = p_i(x), not renormalised
+        weights, ids = top_k(probs, self.k, normalize=False, select=self.biased(probs))  # [T, k], weight = p_i(x)
+        self.maybe_update_bias(ids)  # the choices before capacity
         aux = balance_losses(
             probs, logits, ids,
             load_balance=self.load_balance, seq_balance=0.0, z=self.z_loss, seq_len=seq_len_of(context),
         )
-        routing = Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)
+        routing = Routing(ids, self.scale_weights(weights).to(x.dtype), logits, self.num_experts, aux=aux)
         if self.capacity_factor is None:
             return routing
         return apply_capacity(routing, self.capacity_factor, "order")

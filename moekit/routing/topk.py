@@ -39,9 +39,15 @@ class TopKRouter(Router):
         load_balance: coefficient of the Switch/GShard load-balance loss.
         seq_balance: coefficient of the DeepSeek sequence-wise balance loss.
         z_loss: coefficient of the ST-MoE router z-loss.
+        routed_scale: multiplies the k weights (`Router.scale_weights`); with `normalize` and
+            `routed_scale=k` they sum to k (1.0: off).
+        selection_bias: choose experts by the scores plus DeepSeek-V3's balancing bias
+            `e_score_correction_bias [E]` (added to the probabilities for "softmax_topk", to the logits for
+            "topk_softmax"); the weights stay the unbiased ones. Off by default.
+        bias_update_rate: with `selection_bias`, the bias's step per training call (DeepSeek-V3: 1e-3).
     """
 
-    expert_dims = {"weight": 0, "noise_weight": 0}  # per-expert rows (moekit.layers.surgery)
+    expert_dims = {"weight": 0, "noise_weight": 0, "e_score_correction_bias": 0}  # per-expert rows (layers.surgery)
 
     def __init__(
         self,
@@ -56,10 +62,14 @@ class TopKRouter(Router):
         load_balance: float = 1e-2,
         seq_balance: float = 0.0,
         z_loss: float = 0.0,
+        routed_scale: float = 1.0,
+        selection_bias: bool = False,
+        bias_update_rate: float = 1e-3,
     ) -> None:
         super().__init__(
             dim=dim, num_experts=num_experts, k=k, gate_outputs=num_experts,
             losses=dict(load_balance=load_balance, seq_balance=seq_balance, z_loss=z_loss),
+            routed_scale=routed_scale, selection_bias=selection_bias, bias_update_rate=bias_update_rate,
         )
         check_choice(order, ORDERS, "order", self.who)
         check_choice(noise, NOISES, "noise", self.who)
@@ -82,10 +92,12 @@ class TopKRouter(Router):
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E], for losses
         if self.order == "softmax_topk":
             sel_probs = probs if select is logits else torch.softmax(select.float(), dim=-1)
-            weights, ids = top_k(sel_probs, self.k, normalize=self.normalize)  # [T, k]
+            weights, ids = top_k(sel_probs, self.k, normalize=self.normalize, select=self.biased(sel_probs))
         else:
-            top, ids = torch.topk(select.float(), self.k, dim=-1)
+            sel = select.float()
+            top, ids = top_k(sel, self.k, normalize=False, select=self.biased(sel))  # [T, k] logits
             weights = torch.softmax(top, dim=-1)
+        self.maybe_update_bias(ids)
         aux = balance_losses(
             probs, logits, ids,
             load_balance=self.load_balance,
@@ -93,4 +105,4 @@ class TopKRouter(Router):
             z=self.z_loss,
             seq_len=seq_len_of(context),
         )
-        return Routing(ids, weights.to(x.dtype), logits, self.num_experts, aux=aux)
+        return Routing(ids, self.scale_weights(weights).to(x.dtype), logits, self.num_experts, aux=aux)
