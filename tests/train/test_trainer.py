@@ -92,6 +92,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     [
         {"router": "topk"},
         {"router": "deepseek", "router_args": {"k": 2, "bias_update_rate": 0.01}},
+        {"router": "topk", "router_args": {"k": 2, "selection_bias": True, "bias_update_rate": 0.01}},
         {"router": "topk", "router_args": {"k": 2, "noise": "jitter"}},
     ],
 )
