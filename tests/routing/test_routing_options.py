@@ -18,7 +18,8 @@ BIASED = {"topk": {"k": 2}, "switch": {"k": 2, "capacity_factor": None}}
 
 def moe(name: str, **args) -> MoE:
     torch.manual_seed(0)
-    return MoE(router=build_router(name, dim=D, num_experts=E, **args), experts=Experts(num_experts=E, dim=D, hidden=24))
+    router = build_router(name, dim=D, num_experts=E, **args)
+    return MoE(router=router, experts=Experts(num_experts=E, dim=D, hidden=24))
 
 
 @pytest.mark.parametrize("name", sorted(SCALED))
