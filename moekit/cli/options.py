@@ -14,6 +14,11 @@ SetOpt = Annotated[
     ),
 ]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+DeviceOpt = Annotated[str, typer.Option(help="where to train: cpu, cuda, cuda:N, or auto (CUDA when available)")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="forward compute dtype: float32, or bfloat16 (autocast; CUDA, or CPU with --bf16-on-cpu)")
+]
+Bf16OnCpuOpt = Annotated[bool, typer.Option("--bf16-on-cpu", help="allow --dtype bfloat16 on CPU (much slower)")]
 
 
 def set_threads(threads: int) -> None:

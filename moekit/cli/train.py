@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli.options import NoProgressOpt, SetOpt, ThreadsOpt, set_threads
+from moekit.cli.options import (
+    Bf16OnCpuOpt,
+    DeviceOpt,
+    DtypeOpt,
+    NoProgressOpt,
+    SetOpt,
+    ThreadsOpt,
+    set_threads,
+)
 
 
 def train(
@@ -31,6 +39,9 @@ def train(
         int | None, typer.Option(help="stop this invocation after N total steps (resume later)")
     ] = None,
     set_: SetOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    bf16_on_cpu: Bf16OnCpuOpt = False,
     threads: ThreadsOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
@@ -47,7 +58,8 @@ def train(
     spec = data if data and data != ["builtin"] else "builtin"
     model_cfg = get_preset(preset, vocab_size=vocab_size)
     train_cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, seq_len=seq_len or model_cfg.max_seq_len, lr=lr, seed=seed
+        steps=steps, batch_size=batch_size, seq_len=seq_len or model_cfg.max_seq_len, lr=lr, seed=seed,
+        device=device, dtype=dtype, bf16_on_cpu=bf16_on_cpu,
     )
     data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
     cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])

@@ -129,6 +129,8 @@ def hf_config_for(lm_config: Any, family: str) -> Any:
         reasons.append("moe_iterations > 1 (Chain-of-Experts) has no transformers equivalent")
     if getattr(cfg, "mod_capacity", 1.0) < 1:
         reasons.append("mod_capacity < 1 (mixture-of-depths blocks) has no transformers equivalent")
+    if getattr(cfg, "ffn_out_mult", 1.0) != 1:
+        reasons.append("ffn_out_mult != 1 scales the feed-forward output, which transformers blocks do not")
     if getattr(cfg, "share_blocks", False):
         reasons.append("share_blocks (WideNet) has no transformers equivalent")
     if getattr(cfg, "experts", "ffn") != "ffn":

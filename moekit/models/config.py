@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class LMConfig:
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: "none" | "head" (per head, Qwen3) | "full" (OLMoE)
     tie_embeddings: bool = True  # share the input embedding with the output head
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    # µP-style scale knobs (a tuning sweep searches them; 1.0 = off, bit-identical to a model without them)
+    embed_init_mult: float = 1.0  # multiplies the init std of the embedding (and of an untied output head)
+    attn_init_mult: float = 1.0  # multiplies the init std of the attention projections (q, k, v, o)
+    ffn_init_mult: float = 1.0  # multiplies the init std of feed-forward weights: dense MLP, routed and shared experts
+    ffn_out_mult: float = 1.0  # multiplies every feed-forward block's output (dense MLP or whole MoE layer)
     # Mixture of experts: num_experts = 0 means every feed-forward block is dense.
     num_experts: int = 0  # routed experts per MoE layer (E)
     expert_hidden: int = 512  # width of one routed expert (F)
@@ -71,6 +77,10 @@ class LMConfig:
             "moe_iterations",
         ):
             check_positive_ints("LMConfig.", **{name: getattr(self, name)})
+        for name in ("embed_init_mult", "attn_init_mult", "ffn_init_mult", "ffn_out_mult"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"LMConfig.{name} must be a finite number > 0 (1.0 = off), got {v!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LMConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:

@@ -180,6 +180,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = build_ffn(cfg, layer)
+        self.ffn_out_mult = cfg.ffn_out_mult
         self.depth_router = None
         if cfg.is_depth_layer(layer):
             self.depth_router = DepthRouter(
@@ -212,9 +213,12 @@ class Block(nn.Module):
         return BlockOutput(x + y, routing)
 
     def _ffn(self, h: Tensor, context: RoutingContext, cache: KVCache | None) -> tuple[Tensor, Routing | None]:
+        """The feed-forward's output (times `LMConfig.ffn_out_mult`) and its routing (None when dense)."""
         if isinstance(self.mlp, MoE):
-            return self.mlp(h, context=context, cache=cache, layer=self.layer)
-        return self.mlp(h), None
+            y, routing = self.mlp(h, context=context, cache=cache, layer=self.layer)
+        else:
+            y, routing = self.mlp(h), None
+        return (y * self.ffn_out_mult if self.ffn_out_mult != 1 else y), routing
 
     def _forward_depth(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, context: RoutingContext, selection: str
@@ -276,6 +280,22 @@ class LMOutput:
     depth: list[Tensor | None] = field(default_factory=list)
 
 
+FFN_PARTS = (".mlp.experts.", ".mlp.shared_experts.", ".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
+
+
+def init_multiplier(cfg: LMConfig, name: str) -> float:
+    """The init std multiplier of parameter `name` of an MoELM: `embed_init_mult` for the embedding and
+    output head, `attn_init_mult` for attention projections, `ffn_init_mult` for feed-forward weights
+    (dense MLP, routed and shared experts; not routers or gates), else 1."""
+    if name.startswith(("embed_tokens.", "lm_head.")):
+        return cfg.embed_init_mult
+    if ".self_attn." in name:
+        return cfg.attn_init_mult
+    if any(part in name for part in FFN_PARTS):
+        return cfg.ffn_init_mult
+    return 1.0
+
+
 class MoELM(nn.Module):
     """Decoder-only LM; `config` says which blocks are MoE. Parameter names follow Hugging Face
     Llama/Qwen conventions (`model.layers.{i}.self_attn.q_proj`, ...) without the `model.` prefix."""
@@ -298,7 +318,8 @@ class MoELM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for linears and embeddings; output projections scaled by 1/sqrt(2 n_layers)."""
+        """Normal(0, init_std) for linears and embeddings; output projections scaled by 1/sqrt(2 n_layers);
+        each std times the parameter's `init_multiplier`."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2:
@@ -308,7 +329,8 @@ class MoELM(nn.Module):
                 if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                 else std
             )
-            nn.init.normal_(p, std=s)
+            mult = init_multiplier(self.config, name)
+            nn.init.normal_(p, std=s * mult if mult != 1 else s)
 
     def forward(
         self,

@@ -37,7 +37,7 @@ def save_checkpoint(run_dir: str | Path, model: MoELM, meta: dict[str, Any], tra
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=TMP_PREFIX))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # device-independent
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp / "model.safetensors"))

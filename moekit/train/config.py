@@ -32,6 +32,9 @@ class TrainConfig:
     # THOR (Zuo et al. 2022): > 0 runs two forward passes per micro-batch (independent random routing draws) and
     # trains on their mean cross-entropy + consistency x symmetric KL between their predictions
     consistency: float = 0.0
+    device: str = "cpu"  # where to train: "cpu" | "cuda" | "cuda:N" | "auto" (CUDA when available, else CPU)
+    dtype: str = "float32"  # forward compute dtype: "float32" | "bfloat16" (torch.autocast; weights stay float32)
+    bf16_on_cpu: bool = False  # allow dtype="bfloat16" on CPU (refused by default: much slower than float32 there)
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,6 +56,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if isinstance(self.consistency, bool) or not isinstance(self.consistency, int | float) or self.consistency < 0:
             raise ValueError(f"TrainConfig.consistency must be a number >= 0, got {self.consistency!r}")
+        from moekit.train.device import DEVICES, DTYPES, is_device_name
+
+        if not is_device_name(self.device):
+            raise ValueError(f"TrainConfig.device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.bf16_on_cpu, bool):
+            raise ValueError(f"TrainConfig.bf16_on_cpu must be true or false, got {self.bf16_on_cpu!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
 

@@ -81,7 +81,9 @@ def evaluate_run(
 @torch.no_grad()
 def evaluate(model: MoELM, windows: dict[str, tuple[Tensor, Tensor]], batch_size: int = 16) -> EvalResult:
     """windows: label -> (inputs [N, L], targets [N, L]). The model is put in eval mode and restored.
-    A label without windows has no loss (it is not reported as 0 over 0 tokens)."""
+    A label without windows has no loss (it is not reported as 0 over 0 tokens). The windows are moved to the
+    model's device batch by batch; the forward runs in the weights' dtype (float32: no autocast)."""
+    device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
     losses, counts, experts = {}, {}, {}
@@ -93,7 +95,7 @@ def evaluate(model: MoELM, windows: dict[str, tuple[Tensor, Tensor]], batch_size
         label_loss, label_tokens = 0.0, 0
         label_experts: list[Tensor] | None = None
         for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)  # no copy on CPU
             out = model(xb)
             loss = F.cross_entropy(
                 out.logits.float().reshape(-1, out.logits.shape[-1]), yb.reshape(-1), reduction="sum"

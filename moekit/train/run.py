@@ -9,6 +9,7 @@ from moekit.data import DataConfig, PreparedData, prepare_data
 from moekit.models import LMConfig
 from moekit.train.checkpoint import has_checkpoint, read_meta
 from moekit.train.config import TrainConfig
+from moekit.train.device import resolve_device
 from moekit.train.evaluate import validation_windows as val_windows  # the one definition of validation
 from moekit.train.trainer import TrainResult, _diff, train
 
@@ -49,6 +50,7 @@ def run_training(
 
     The tokenizer is copied into `run_dir` before the first step, so a run killed after its first
     checkpoint can already `generate`. `resume` and `overwrite` are those of `train`."""
+    resolve_device(train_cfg.device, train_cfg.dtype, bf16_on_cpu=train_cfg.bf16_on_cpu)  # fail before the data
     data = prepare_data(data_cfg, progress=progress)
     check_fits(model_cfg, train_cfg, data)
     run_dir = Path(run_dir)

@@ -9,6 +9,7 @@ mistake its checkpoint write in progress for the leftovers of a killed one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from moekit.train.checkpoint import (
     save_checkpoint,
 )
 from moekit.train.config import TrainConfig
+from moekit.train.device import autocast, resolve_device, rng_state, set_rng_state, to_cpu
 from moekit.train.evaluate import EvalResult, evaluate
 from moekit.train.schedule import lr_at
 from moekit.utils.io import atomic_copy, atomic_write_text, folder_lock
@@ -71,17 +73,21 @@ def make_optimizer(model: MoELM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def micro_batch_loss(model: MoELM, x: Tensor, y: Tensor, consistency: float) -> tuple[Tensor, Tensor, Tensor, LMOutput]:
-    """(cross-entropy, auxiliary loss, consistency term, the last LMOutput) of one micro-batch.
+def micro_batch_loss(
+    model: MoELM, x: Tensor, y: Tensor, consistency: float, precision: Any = None
+) -> tuple[Tensor, Tensor, Tensor, LMOutput]:
+    """(cross-entropy, auxiliary loss, consistency term, the last LMOutput) of one micro-batch; the forward
+    passes run inside `precision` (a context manager, e.g. bf16 autocast) when given.
 
     consistency > 0 (THOR, Zuo et al. 2022): two forward passes with independent random routing draws; the
     cross-entropy and auxiliary losses are the means of the two, the consistency term is the symmetric KL
     between their next-token distributions (`moekit.routing.stochastic.consistency_loss`)."""
-    outs = [model(x, targets=y) for _ in range(2 if consistency else 1)]
-    ce = torch.stack([o.loss for o in outs]).mean()
-    auxes = [o.aux_loss for o in outs if o.aux_loss is not None]
-    aux = torch.stack(auxes).mean() if auxes else ce.new_zeros(())
-    cons = consistency_loss(outs[0].logits, outs[1].logits) if consistency else ce.new_zeros(())
+    with precision if precision is not None else contextlib.nullcontext():
+        outs = [model(x, targets=y) for _ in range(2 if consistency else 1)]
+        ce = torch.stack([o.loss for o in outs]).mean()
+        auxes = [o.aux_loss for o in outs if o.aux_loss is not None]
+        aux = torch.stack(auxes).mean() if auxes else ce.new_zeros(())
+        cons = consistency_loss(outs[0].logits, outs[1].logits) if consistency else ce.new_zeros(())
     return ce, aux, cons, outs[-1]
 
 
@@ -126,6 +132,7 @@ def truncate_log(path: Path, step: int) -> None:
         atomic_write_text(path, new)
 
 
+RESUME_MAY_CHANGE = ("steps", "device", "bf16_on_cpu")  # TrainConfig fields a resumed run may change
 LOCK_WAIT_S = 2.0  # how long a new run waits for the run folder's lock (a reader's clean-up holds it for milliseconds)
 
 
@@ -265,6 +272,7 @@ def _train(
     """The loop of `train`, in a run folder already claimed."""
     train_log_path, eval_log_path = run_dir / "train.jsonl", run_dir / "eval.jsonl"
 
+    device = resolve_device(train_cfg.device, train_cfg.dtype, bf16_on_cpu=train_cfg.bf16_on_cpu)
     torch.manual_seed(train_cfg.seed)
     data_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
     start = 0
@@ -275,26 +283,27 @@ def _train(
                 "cannot resume: model config differs from the checkpoint's:\n  "
                 + "\n  ".join(_diff(old["model"], model_cfg.to_dict()))
             )
-        old_train = {k: v for k, v in old["train"].items() if k != "steps"}
-        new_train = {k: v for k, v in train_cfg.to_dict().items() if k != "steps"}
+        old_train = {k: v for k, v in {"dtype": "float32", **old["train"]}.items() if k not in RESUME_MAY_CHANGE}
+        new_train = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
         if old_train != new_train:
             raise ValueError(
                 "cannot resume: train config differs from the checkpoint's:\n  "
                 + "\n  ".join(_diff(old_train, new_train))
             )
-        model = load_model(run_dir)
+        model = load_model(run_dir).to(device)
         opt = make_optimizer(model, train_cfg)
         st = load_trainer_state(run_dir)
         if st is None:
             raise FileNotFoundError(f"cannot resume: {run_dir}/checkpoint has no trainer_state.pt")
-        opt.load_state_dict(st["optimizer"])
-        torch.set_rng_state(st["torch_rng"])
+        opt.load_state_dict(st["optimizer"])  # moves the state to the parameters' device
+        set_rng_state(st, device)
         data_gen.set_state(st["data_rng"])
         start = int(st["step"])
     else:
-        model = MoELM(model_cfg)
+        model = MoELM(model_cfg).to(device)  # initialised on CPU: the same weights on every device
         opt = make_optimizer(model, train_cfg)
     model.train()
+    precision = autocast(device, train_cfg.dtype)
     meta = {"train": train_cfg.to_dict(), **(meta or {})}
     saved = start if resume else -1  # the step of the checkpoint on disk
 
@@ -303,8 +312,8 @@ def _train(
         if step == saved:
             return
         state = {
-            "optimizer": opt.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "optimizer": to_cpu(opt.state_dict()),  # device-independent checkpoints
+            **rng_state(device),
             "data_rng": data_gen.get_state(),
             "step": step,
         }
@@ -337,7 +346,7 @@ def _train(
     )
     step = start
     interrupted = False
-    snapshot = (torch.get_rng_state(), data_gen.get_state())
+    snapshot = (rng_state(device), data_gen.get_state())
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum
     with bar:
         task = bar.add_task("train", total=train_cfg.steps, completed=start, info="")
@@ -357,7 +366,8 @@ def _train(
                 loss_sum, aux_sum, cons_sum, balance = 0.0, 0.0, 0.0, float("nan")
                 for _ in range(train_cfg.grad_accum):
                     x, y, _labels = train_data.sample_batch(train_cfg.batch_size, train_cfg.seq_len, data_gen)
-                    ce, aux, cons, out = micro_batch_loss(model, x, y, train_cfg.consistency)
+                    x, y = x.to(device), y.to(device)  # no copy on CPU
+                    ce, aux, cons, out = micro_batch_loss(model, x, y, train_cfg.consistency, precision)
                     ((ce + aux + train_cfg.consistency * cons) / train_cfg.grad_accum).backward()
                     loss_sum += float(ce.detach()) / train_cfg.grad_accum
                     aux_sum += float(aux.detach()) / train_cfg.grad_accum
@@ -368,7 +378,7 @@ def _train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                snapshot = (torch.get_rng_state(), data_gen.get_state())  # where step+1 starts: restored on Ctrl-C
+                snapshot = (rng_state(device), data_gen.get_state())  # where step+1 starts: restored on Ctrl-C
                 tps = tokens_per_step / (time.perf_counter() - t0)
                 bar.update(task, advance=1, info=f"loss {loss_sum:.3f}  tok/s {tps:,.0f}  load max/mean {balance:.2f}")
                 if step % train_cfg.log_every == 0 or step == train_cfg.steps:
@@ -399,7 +409,7 @@ def _train(
             # Drop the unfinished step (its gradients and random draws) so that resuming replays it exactly.
             interrupted = True
             opt.zero_grad(set_to_none=True)
-            torch.set_rng_state(snapshot[0])
+            set_rng_state(snapshot[0], device)
             data_gen.set_state(snapshot[1])
             checkpoint(step)
     return TrainResult(run_dir, step, interrupted, final_eval, history, train_log)

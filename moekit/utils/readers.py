@@ -60,7 +60,7 @@ def load_torch_state(path: str | os.PathLike) -> Any:
 
     path = Path(path)
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")  # tensors saved on a GPU load anywhere
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
         first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable torch state file (corrupt or truncated?): {first}") from e

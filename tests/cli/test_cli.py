@@ -179,3 +179,18 @@ def test_mixture_of_depths_from_the_command_line(tmp_path):
     assert "moe+mod 0.5" in invoke("inspect", str(run)).output
     g = invoke("generate", str(run), "--prompt", "In the beginning", "--max-new-tokens", "5", "--temperature", "0")
     assert g.exit_code == 0 and g.output.startswith("In the beginning")
+
+
+def test_train_device_cpu_end_to_end_matches_the_default(_trained, tmp_path):
+    """`--device cpu --dtype float32` is what training does without the flags: the same weights, bit for bit."""
+    import torch
+
+    from moekit.train import load_model, read_meta
+
+    run = tmp_path / "run"
+    r = invoke("train", "--preset", "micro-moe", "--out", str(run), "--steps", "2", "--seq-len", "16",
+               "--device", "cpu", "--dtype", "float32", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert read_meta(run)["train"]["device"] == "cpu"
+    a, b = load_model(_trained).state_dict(), load_model(run).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -203,3 +203,14 @@ def test_failed_analyze_leaves_no_lone_trace(trained_run, tmp_path, monkeypatch)
     (out / "mine.txt").write_text("keep")
     fails("analyze", trained_run, "--out", out, "--windows", "2", "--no-progress")
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_train_device_errors_are_one_line(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r"
+    assert "CUDA is not available" in fails(*TRAIN, "--out", out, "--device", "cuda")
+    assert "device must be one of" in fails(*TRAIN, "--out", out, "--device", "gpu")
+    assert "--bf16-on-cpu" in fails(*TRAIN, "--out", out, "--dtype", "bfloat16")
+    assert not out.exists()  # nothing left behind
