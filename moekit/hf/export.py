@@ -83,14 +83,20 @@ def _router_config(cfg: Any, spec: ExportSpec, hf_fields: dict[str, Any], reason
         )
         return
     params = inspect.signature(get_router(cfg.router).__init__).parameters
-    args = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
-    args.update(cfg.router_args)
+    defaults = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
+    args = {**defaults, **cfg.router_args}
     for arg, key in fam.config_keys.items():
         hf_fields[key] = args[arg]
     hf_fields[fam.num_experts_key] = cfg.num_experts
     native = fam.router_args(_Fields(hf_fields))
     for arg, value in args.items():
-        if arg in LOSS_ARGS or arg in fam.config_keys or arg not in native:
+        if arg in LOSS_ARGS or arg in fam.config_keys:
+            continue
+        if arg not in native:  # the family has no such setting: only the router's default is expressible
+            if arg in defaults and value != defaults[arg]:
+                reasons.append(
+                    f"{fam.name} routing has no equivalent of {arg}={value!r} (only the default {defaults[arg]!r})"
+                )
             continue
         if native[arg] != value:
             reasons.append(f"{fam.name} routing fixes {arg}={native[arg]!r}; the model's router has {arg}={value!r}")

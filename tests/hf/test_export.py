@@ -72,7 +72,7 @@ def test_deepseek_v3_export_fails_with_the_reason(tmp_path):
     assert r.exit_code == 1 and "multi-head latent attention" in r.output
 
 
-def test_inexpressible_models_list_every_reason():
+def test_inexpressible_models_list_every_reason(monkeypatch):
     cfg = LMConfig(**BASE, router="topp", capacity_factor=1.0)
     with pytest.raises(ExportError, match="router 'topp'.*capacity_factor"):
         hf_config_for(cfg, "mixtral")
@@ -90,6 +90,20 @@ def test_inexpressible_models_list_every_reason():
         hf_config_for(LMConfig(**{**BASE, "n_layers": 4}, router="deepseek", first_k_dense=1, moe_every=2), "glm4_moe")
     with pytest.raises(ExportError, match="known: deepseek_v3, glm4_moe, mixtral, olmoe, qwen3_moe"):
         hf_config_for(LMConfig(**BASE), "gpt2")
+    # a router argument the family does not name is expressible only at the router's default
+    with monkeypatch.context() as m:
+        import dataclasses
+
+        import moekit.hf.export as export_mod
+
+        fam = export_mod.get_family("mixtral")
+        lacking = dataclasses.replace(
+            fam, router_args=lambda c: {k: v for k, v in fam.router_args(c).items() if k != "normalize"}
+        )
+        m.setattr(export_mod, "get_family", lambda name: lacking if name == "mixtral" else fam)
+        hf_config_for(LMConfig(**BASE, router_args={"k": 2}), "mixtral")  # the default: fine
+        with pytest.raises(ExportError, match="mixtral routing has no equivalent of normalize=False"):
+            hf_config_for(LMConfig(**BASE, router_args={"k": 2, "normalize": False}), "mixtral")
     moekit_only = LMConfig(**BASE, mod_capacity=0.5, share_blocks=True, experts="film")
     with pytest.raises(ExportError, match="mixture-of-depths.*WideNet.*experts='film'"):
         hf_config_for(moekit_only, "mixtral")
