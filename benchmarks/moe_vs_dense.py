@@ -4,6 +4,7 @@ MoE needs to reach the dense model's final validation loss.
 
     python benchmarks/moe_vs_dense.py                     # 600 steps each, built-in corpus
     python benchmarks/moe_vs_dense.py --steps 100 --eval-every 20
+    python benchmarks/moe_vs_dense.py --device cuda --dtype bfloat16 --threads 0   # on a GPU
 
 Target (issue): the MoE reaches the dense model's final validation loss in <= 0.6x the steps.
 """
@@ -24,6 +25,7 @@ from moekit.data import DataConfig, prepare_data  # noqa: E402
 from moekit.models import count_params  # noqa: E402
 from moekit.models.presets import preset  # noqa: E402
 from moekit.train import TrainConfig, train  # noqa: E402
+from moekit.train.device import resolve_device  # noqa: E402
 from moekit.train.run import val_windows  # noqa: E402
 
 
@@ -47,11 +49,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (TrainConfig.device)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward compute dtype")
+    ap.add_argument("--bf16-on-cpu", action="store_true", help="allow --dtype bfloat16 on CPU (much slower)")
     ap.add_argument("--out", default="benchmarks/results/moe_vs_dense.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    try:  # a device this machine lacks is one line, before any data is built
+        where = resolve_device(args.device, args.dtype, bf16_on_cpu=args.bf16_on_cpu)
+    except ValueError as exc:
+        ap.exit(1, f"error: {exc}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_cfg = DataConfig(vocab_size=4096, seed=args.seed)
     data = prepare_data(data_cfg, progress=False)
     windows = val_windows(data, args.seq_len, 32)
@@ -64,6 +74,9 @@ def main() -> None:
         eval_windows=32,
         log_every=10,
         seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        bf16_on_cpu=args.bf16_on_cpu,
     )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +112,8 @@ def main() -> None:
     )
     md = [
         f"Command: `{env['command']}`  ",
-        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch {env['torch']}; {env['date']}",
+        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch {env['torch']}; trained on {where} in "
+        f"{args.dtype}; {env['date']}",
         "",
         "| step | dense val loss | MoE val loss |",
         "|---:|---:|---:|",

@@ -5,7 +5,8 @@ Per router it reports validation loss (overall and per domain), training tokens/
 token, expert load (max/mean and coefficient of variation), dropped token-slots, and the mutual
 information between experts and domains; it writes `leaderboard.md`, `leaderboard.json`,
 `loss_curves.png` and `loss_vs_flops.png` into the output folder, one training run per router under
-`runs/`. Finished runs are reused when the command is run again with the same budget.
+`runs/`. Finished runs are reused when the command is run again with the same budget, seed and dtype;
+the device is not part of that comparison (see `same_run`).
 
 The parts: `entries` (what each row trains, the budgets), `measure` (loss, routing statistics and active
 FLOPs of a trained model), `report` (the table, JSON and plots); this module runs them.
@@ -29,6 +30,7 @@ from moekit.data import DataConfig, prepare_data
 from moekit.models import LMConfig
 from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
+from moekit.train.device import resolve_device
 from moekit.train.report import read_jsonl
 from moekit.train.run import val_windows
 from moekit.train.trainer import train
@@ -43,22 +45,39 @@ class LeaderboardResult:
     files: list[Path]  # leaderboard.md, leaderboard.json, the plots
 
 
+PLACEMENT = ("device", "bf16_on_cpu")  # TrainConfig fields that say where a run trains, not what it computes
+
+
+def same_run(old_train: dict[str, Any], train_cfg: TrainConfig) -> bool:
+    """Whether a run saved with the train config `old_train` (its meta's, fields added since at their defaults)
+    is the run `train_cfg` asks for. The device is left out: the same float32 math on a CPU or a GPU is the same
+    run up to rounding, so a finished CPU run serves a --device cuda request and vice versa. The dtype counts:
+    a bfloat16 run is another measurement than a float32 one."""
+    old = TrainConfig.from_dict(old_train)
+    return dataclasses.replace(old, **{f: getattr(train_cfg, f) for f in PLACEMENT}) == train_cfg
+
+
 def run_leaderboard(
     budget: str = "smoke",
     routers: list[str] | None = None,
     out: str | Path = "runs/leaderboard",
     *,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    bf16_on_cpu: bool = False,
     progress: bool = True,
     log=print,
 ) -> LeaderboardResult:
-    """Train and measure every entry in `routers` (default: all of ENTRIES) under `budget`."""
+    """Train and measure every entry in `routers` (default: all of ENTRIES) under `budget`, each on `device`
+    with forward passes in `dtype` (TrainConfig's fields of the same names)."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; known budgets: {', '.join(BUDGETS)}")
     names = list(ENTRIES) if not routers else list(routers)
     unknown = [n for n in names if n not in ENTRIES]
     if unknown:
         raise ValueError(f"unknown leaderboard entries {unknown}; known: {', '.join(ENTRIES)}")
+    where = resolve_device(device, dtype, bf16_on_cpu=bf16_on_cpu)  # refused before anything is written
     b = BUDGETS[budget]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +85,7 @@ def run_leaderboard(
     data = prepare_data(data_cfg, progress=progress)
     base_train = TrainConfig.short_run(
         b.steps, batch_size=b.batch_size, seq_len=b.seq_len, lr=b.lr, eval_every=b.eval_every,
-        eval_windows=b.eval_windows, log_every=1, seed=seed,
+        eval_windows=b.eval_windows, log_every=1, seed=seed, device=device, dtype=dtype, bf16_on_cpu=bf16_on_cpu,
     )
     windows = val_windows(data, b.seq_len, b.eval_windows)
     rows, run_dirs = [], {}
@@ -75,15 +94,16 @@ def run_leaderboard(
         cfg = model_config(entry, b, data.vocab_size)
         train_cfg = dataclasses.replace(base_train, **entry.train)
         run_dir = out / "runs" / name
-        meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget}
+        meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget,
+                "trained_on": str(where)}
         started = has_checkpoint(run_dir)
         old = read_meta(run_dir) if started else {}
         same = started and (LMConfig.from_dict(old["model"]) == cfg  # fields added since fill in their defaults
-                            and TrainConfig.from_dict(old["train"]) == train_cfg)
+                            and same_run(old["train"], train_cfg))
         if started and not same:
             raise FileExistsError(
-                f"{run_dir} holds a run of another model or training config (budget, seed); remove it or choose "
-                "another --out"
+                f"{run_dir} holds a run of another model or training config (budget, seed, dtype); remove it or "
+                "choose another --out"
             )
         done = started and old.get("step") == b.steps
         t0 = time.perf_counter()
@@ -98,7 +118,8 @@ def run_leaderboard(
         rows.append({
             "router": name, "registered": entry.router, "router_args": cfg.router_args if entry.router else None,
             "note": entry.note, "val_loss": m.loss, "val_loss_per_domain": m.loss_per_domain,
-            "tokens_per_s": tokens_per_s(run_dir), "train_seconds": seconds if not done else None,
+            "tokens_per_s": tokens_per_s(run_dir), "trained_on": read_meta(run_dir).get("trained_on", "cpu"),
+            "dtype": train_cfg.dtype, "train_seconds": seconds if not done else None,
             "active_experts": m.active_experts, "load_max_over_mean": m.load_max_over_mean, "load_cv": m.load_cv,
             "dropped_frac": m.dropped_frac, "expert_domain_mi_bits": m.expert_domain_mi,
             "depth_processed": {str(j): f for j, f in m.depth_fractions.items()} or None,
@@ -110,7 +131,10 @@ def run_leaderboard(
     info = {
         "budget": budget, "budget_settings": dataclasses.asdict(b), "seed": seed, "domains": list(data.label_names),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "command": f"moekit bench routers --budget {budget}" + (f" --routers {','.join(names)}" if routers else ""),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+        + ("" if (device, dtype) == ("cpu", "float32") else f", {where} in {dtype}"),
+        "command": f"moekit bench routers --budget {budget}" + (f" --routers {','.join(names)}" if routers else "")
+        + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "float32" else "")
+        + (" --bf16-on-cpu" if bf16_on_cpu else ""),
     }
     return LeaderboardResult(out, rows, write_report(out, info, rows, run_dirs))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli.options import NoProgressOpt, ThreadsOpt, set_threads
+from moekit.cli.options import Bf16OnCpuOpt, DeviceOpt, DtypeOpt, NoProgressOpt, ThreadsOpt, set_threads
 
 app = typer.Typer(help="Benchmarks: the router leaderboard.", no_args_is_help=True)
 
@@ -25,6 +25,9 @@ def routers(
     ),
     seed: Annotated[int, typer.Option(help="model init and data order (same for every router)")] = 0,
     list_entries: Annotated[bool, typer.Option("--list", help="list the entries and budgets, then exit")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    bf16_on_cpu: Bf16OnCpuOpt = False,
     threads: ThreadsOpt = 0,
     no_progress: NoProgressOpt = False,
 ) -> None:
@@ -40,7 +43,10 @@ def routers(
     set_threads(threads)
     names = [n.strip() for n in routers.split(",") if n.strip()] if routers else None
     try:
-        res = run_leaderboard(budget, names, out, seed=seed, progress=not no_progress, log=typer.echo)
+        res = run_leaderboard(
+            budget, names, out, seed=seed, device=device, dtype=dtype, bf16_on_cpu=bf16_on_cpu,
+            progress=not no_progress, log=typer.echo,
+        )
     except KeyboardInterrupt:
         typer.echo("error: interrupted; the same command resumes from the last checkpoint", err=True)
         raise typer.Exit(130) from None

@@ -160,3 +160,61 @@ def test_an_interrupted_run_stops_the_leaderboard(smoke, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_leaderboard("smoke", ["dense", "topk"], root / "other", progress=False, log=lambda *_: None)
     assert calls == [root / "other" / "runs" / "dense"] and not (root / "other" / "leaderboard.md").exists()
+
+
+def test_device_and_dtype_flags(smoke, tmp_path):
+    """--device cpu is the default run (finished runs reused, the same numbers); a CUDA device this machine lacks
+    is one line before anything is written; the benchmark script refuses it the same way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, res = smoke
+    runner = CliRunner()
+    env = {"MOEKIT_CACHE": str(root / "cache")}
+    out = runner.invoke(app, ["bench", "routers", "--budget", "smoke", "--routers", "topk", "--device", "cpu",
+                              "--dtype", "float32", "--out", str(root / "out"), "--no-progress"], env=env)
+    assert out.exit_code == 0, out.output
+    assert "training" not in out.output  # the default's finished run is the --device cpu run
+    rows = json.loads((root / "out" / "leaderboard.json").read_text())["rows"]
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in res.rows if r["router"] == "topk"]
+    assert rows[0]["trained_on"] == "cpu" and rows[0]["dtype"] == "float32"
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(app, ["bench", "routers", "--routers", "topk", "--device", "cuda", "--out",
+                                   str(tmp_path / "gpu"), "--no-progress"], env=env)
+        assert cuda.exit_code == 1 and cuda.output.count("\n") == 1, cuda.output
+        assert cuda.output.startswith("error:") and "CUDA is not available" in cuda.output
+        assert not (tmp_path / "gpu").exists()
+        script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_dense.py"
+        p = subprocess.run([sys.executable, str(script), "--device", "cuda", "--out", str(tmp_path / "m.json")],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and p.stderr.startswith("error:") and "CUDA is not available" in p.stderr
+        assert not (tmp_path / "m.json").exists()
+    bf16 = runner.invoke(app, ["bench", "routers", "--routers", "topk", "--dtype", "bfloat16", "--out",
+                               str(tmp_path / "bf"), "--no-progress"], env=env)
+    assert bf16.exit_code == 1 and "--bf16-on-cpu" in bf16.output and not (tmp_path / "bf").exists()
+
+
+def test_reuse_ignores_the_device_but_not_the_dtype():
+    """A finished run serves any device (same float32 math); a bfloat16 request does not reuse a float32 run."""
+    from moekit.bench.routers import same_run
+    from moekit.train.config import TrainConfig
+
+    old = TrainConfig.short_run(10, seed=0).to_dict()
+    del old["device"], old["dtype"], old["bf16_on_cpu"]  # a run saved before these fields existed
+    assert same_run(old, TrainConfig.short_run(10, seed=0))
+    assert same_run(old, TrainConfig.short_run(10, seed=0, device="cuda"))
+    assert same_run(old, TrainConfig.short_run(10, seed=0, device="auto", bf16_on_cpu=True))
+    assert not same_run(old, TrainConfig.short_run(10, seed=0, dtype="bfloat16", bf16_on_cpu=True))
+    bf = TrainConfig.short_run(10, seed=0, device="cuda", dtype="bfloat16").to_dict()
+    assert same_run(bf, TrainConfig.short_run(10, seed=0, device="cpu", dtype="bfloat16", bf16_on_cpu=True))
+    assert not same_run(bf, TrainConfig.short_run(10, seed=0))
+    assert not same_run(old, TrainConfig.short_run(10, seed=1, device="cuda"))
+
+
+def test_a_dtype_change_refuses_the_finished_run(smoke):
+    """The leaderboard names the clash instead of reusing (or resuming) a float32 run in bfloat16."""
+    root, _ = smoke
+    with pytest.raises(FileExistsError, match="dtype"):
+        run_leaderboard("smoke", ["topk"], root / "out", dtype="bfloat16", bf16_on_cpu=True, progress=False,
+                        log=lambda *_: None)
