@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.utils.io import atomic_write
+
 ENV_VAR = "MOEKIT_CACHE"
 
 
@@ -39,18 +41,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """`atomic_write` with `write(binary_file)`; the file is left readable by all (mkstemp makes 0600)."""
+
+    def to_tmp(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
-            e.filename = str(path)  # e.g. ENOSPC from write(): say which file
-        raise
+        os.chmod(tmp, 0o644)
+
+    atomic_write(path, to_tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
