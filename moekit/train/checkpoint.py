@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.models import LMConfig, MoELM
-from moekit.utils.io import folder_lock, recover_dir, replace_dir
+from moekit.utils.io import folder_lock, old_dir, recover_dir, replace_dir
 from moekit.utils.readers import load_safetensors, load_torch_state, read_json_object
 
 CKPT = "checkpoint"
@@ -56,7 +56,7 @@ def _is_complete(folder: Path) -> bool:
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether the run folder holds a checkpoint (at `checkpoint`, or at `checkpoint.old` after a killed write)."""
     run_dir = Path(run_dir)
-    return _is_complete(run_dir / CKPT) or _is_complete(run_dir / (CKPT + ".old"))
+    return _is_complete(run_dir / CKPT) or _is_complete(old_dir(run_dir / CKPT))
 
 
 def recover_run(run_dir: str | Path) -> None:
@@ -73,7 +73,7 @@ def recover_run(run_dir: str | Path) -> None:
 def _recover_if_idle(run_dir: Path) -> None:
     """recover_run when a killed write left something behind and no process holds the run (a live writer's
     temp folder is not stale). A folder that cannot be changed (read-only) is left as it is."""
-    if not (run_dir / (CKPT + ".old")).exists() and not any(run_dir.glob(TMP_PREFIX + "*")):
+    if not old_dir(run_dir / CKPT).exists() and not any(run_dir.glob(TMP_PREFIX + "*")):
         return
     try:
         with folder_lock(run_dir) as held:
@@ -90,7 +90,7 @@ def checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         _recover_if_idle(path)
-    for cand in (path / CKPT, path / (CKPT + ".old"), path):
+    for cand in (path / CKPT, old_dir(path / CKPT), path):
         if _is_complete(cand):
             return cand
     if not path.exists():

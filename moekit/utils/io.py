@@ -42,7 +42,9 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def _old(final: Path) -> Path:
+def old_dir(final: str | Path) -> Path:
+    """Where `replace_dir` keeps the previous copy of `final` between its two renames: `final.old`."""
+    final = Path(final)
     return final.with_name(final.name + ".old")
 
 
@@ -54,7 +56,7 @@ def replace_dir(tmp_dir: Path, final: Path) -> None:
     final = Path(final)
     recover_dir(final)
     if final.exists():
-        os.replace(final, _old(final))
+        os.replace(final, old_dir(final))
     os.replace(tmp_dir, final)
     recover_dir(final)
 
@@ -65,7 +67,7 @@ def recover_dir(final: str | Path) -> None:
     `final.old` without `final`: killed between the renames, so the old copy is the only one: rename it back.
     Both: the new copy is in place and the old one (perhaps half deleted) is removed."""
     final = Path(final)
-    old = _old(final)
+    old = old_dir(final)
     if not old.exists():
         return
     if final.exists():
