@@ -9,7 +9,6 @@ A directory stands for the supported files under it, in sorted order.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from moekit.data.document import Document
 from moekit.utils.deps import require
+from moekit.utils.readers import parse_json_object
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 
@@ -81,12 +81,7 @@ def _load_jsonl(path: Path, text_field: str, label_field: str | None, label: str
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: expected one JSON object per line, found invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(row).__name__}")
+            row = parse_json_object(line, where, "one JSON object per line")
             text = _field(row, text_field, where, "text")
             lab = _field(row, label_field, where, "label") if label_field else (label or path.stem)
             docs.append(Document(text=text, label=lab, source=where))

@@ -17,12 +17,19 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: expected a JSON object, found bytes that are not UTF-8") from e
+    return parse_json_object(text, str(path))
+
+
+def parse_json_object(text: str, where: str, expected: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in `text`; invalid JSON or another JSON value is ValueError starting
+    `{where}: expected {expected}, found ...` (`where` names the file, or the file and line)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: expected a JSON object, found invalid JSON ({e.msg} at line {e.lineno})") from e
+        at = f"line {e.lineno}" if "\n" in text.rstrip("\n") else f"column {e.colno}"  # one line: `where` has it
+        raise ValueError(f"{where}: expected {expected}, found invalid JSON ({e.msg} at {at})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}")
+        raise ValueError(f"{where}: expected {expected}, found a JSON {type(data).__name__}")
     return data
 
 

@@ -63,7 +63,11 @@ def test_missing_field_names_line_and_found_fields(tmp_path):
 def test_invalid_json_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: expected one JSON object per line"):
+    invalid = r"d\.jsonl:2: expected one JSON object per line, found invalid JSON \(.* at column 2\)"
+    with pytest.raises(ValueError, match=invalid):
+        load_documents(p)
+    p.write_text('{"text": "ok"}\n["a list"]\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: expected one JSON object per line, found a JSON list"):
         load_documents(p)
 
 
