@@ -22,17 +22,14 @@ def inspect(
     if is_hf_dir(path):
         _inspect_hf(path, as_json)
         return
-    from moekit.models import LMConfig, count_params
+    from moekit.models import count_params
     from moekit.train import read_meta
-    from moekit.train.checkpoint import checkpoint_dir
+    from moekit.train.checkpoint import checkpoint_dir, read_model_config
     from moekit.train.evaluate import measured_experts_per_token
     from moekit.utils.readers import check_safetensors
 
     meta = read_meta(path)
-    try:
-        cfg = LMConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{checkpoint_dir(path) / 'config.json'}: bad model config: {e}") from e
+    cfg = read_model_config(path)
     check_safetensors(checkpoint_dir(path) / "model.safetensors")  # the header only, no tensor data
     measured = measured_experts_per_token(path if (path / "eval.jsonl").is_file() else path.parent)
     pc = count_params(cfg, measured[1] if measured else None)

@@ -109,14 +109,20 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path, *, map_location: str = "cpu") -> MoELM:
-    """Rebuild the model from config.json and load its weights; tensors must match the config exactly."""
+def read_model_config(path: str | Path) -> LMConfig:
+    """The LMConfig in a checkpoint's config.json (no weights are read); a bad one is ValueError naming the file."""
     ckpt = checkpoint_dir(path)
     meta = read_meta(ckpt)
     try:
-        cfg = LMConfig.from_dict(meta["model"])
+        return LMConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{ckpt / 'config.json'}: bad model config: {e}") from e
+
+
+def load_model(path: str | Path, *, map_location: str = "cpu") -> MoELM:
+    """Rebuild the model from config.json and load its weights; tensors must match the config exactly."""
+    ckpt = checkpoint_dir(path)
+    cfg = read_model_config(ckpt)
     model = MoELM(cfg)
     state = load_safetensors(ckpt / "model.safetensors", device=map_location)
     if cfg.tie_embeddings:

@@ -51,8 +51,9 @@ def test_config_with_a_bad_model_field_names_the_file(trained_run):
     meta = json.loads(f.read_text())
     meta["model"]["dim"] = "wide"
     f.write_text(json.dumps(meta))
-    line = fails("inspect", trained_run)
-    assert "config.json" in line and "dim" in line
+    for verb in ("inspect", "eval"):  # one reader (read_model_config) for the config alone and for load_model
+        line = fails(verb, trained_run)
+        assert "config.json: bad model config" in line and "dim" in line
 
 
 def test_truncated_trainer_state_on_resume(trained_run):
