@@ -21,7 +21,7 @@ def error_line(exc: BaseException) -> str:
     """The one line shown for `exc`: its message, the file an OSError concerns, never a traceback."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
-        msg = f"{where}: {exc.strerror or exc}"
+        msg = f"{where}: {exc.strerror}"
     elif isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         msg = exc.args[0]  # str(KeyError) would quote the message
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.utils.io import atomic_write
+from moekit.utils.io import atomic_write, atomic_write_text
 
 ENV_VAR = "MOEKIT_CACHE"
 
@@ -41,18 +41,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """`atomic_write` with `write(binary_file)`; the file is left readable by all (mkstemp makes 0600)."""
+    """`atomic_write` with `write(binary_file)`."""
 
     def to_tmp(tmp: str) -> None:
         with open(tmp, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)
 
     atomic_write(path, to_tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

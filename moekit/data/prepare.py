@@ -9,7 +9,6 @@ in a temporary directory and renamed into place, so it is either complete or abs
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from moekit.data.progress import status
 from moekit.data.sources import SOURCES
 from moekit.data.split import split_documents
 from moekit.data.tokenizer import EOS_TOKEN, BPETokenizer, TokenizerConfig, tokenizer_config_dict
+from moekit.utils.readers import read_json_object
 
 FORMAT_VERSION = 2  # bump when the layout of a cache entry or the way it is built changes
 
@@ -191,7 +191,7 @@ def prepare_data(
     description = {"settings": _settings(config), "sources": _fingerprint(config), "versions": _versions()}
     directory = cache_root(cache_dir) / "data" / cache_key(description)
     if (directory / "meta.json").is_file():
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = read_json_object(directory / "meta.json")
         for message in meta.get("warnings", []):  # what building the entry warned about (skipped files)
             warnings.warn(message, stacklevel=2)
         return _open(directory, config, meta)

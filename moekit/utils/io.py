@@ -16,11 +16,13 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) and rename the result to `path`; a crash never leaves a partial file."""
+    """Call write(tmp_path) and rename the result to `path`; a crash never leaves a partial file. The file
+    gets the permissions a plain `open(path, "w")` would give (mkstemp's temporary file is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -32,9 +34,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Write text atomically (UTF-8)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:

@@ -36,3 +36,18 @@ def test_success_keeps_everything_and_oserror_gets_the_folder(tmp_path):
     with pytest.raises(OSError) as info, undo_on_failure(tmp_path / "other"):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert info.value.filename == str(tmp_path / "other")
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp's temporary file is owner-only; the written file must not be (tokenizer, logs, cache)."""
+    import os
+
+    from moekit.utils.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
