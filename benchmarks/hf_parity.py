@@ -32,6 +32,7 @@ from common import environment, write_json  # noqa: E402
 
 import moekit.hf as mh  # noqa: E402
 from moekit.layers.dispatch import grouped_mm_available  # noqa: E402
+from moekit.utils.io import atomic_write_text  # noqa: E402
 from tests.hf.tiny import tiny_model  # noqa: E402
 
 BACKENDS = ("auto", "eager", "grouped")  # auto = loop on CPU
@@ -110,12 +111,8 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
     write_json(f"{args.out}.json", {"environment": environment(), "max_abs_logit_diff": results})
-    md = Path(f"{args.out}.md")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_suffix(".md.tmp")
     title = "Max |patched - transformers| logits (`python benchmarks/hf_parity.py`)"
-    tmp.write_text(title + "\n\n" + "\n".join(lines) + "\n")
-    tmp.replace(md)
+    atomic_write_text(f"{args.out}.md", title + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -264,27 +264,6 @@ def write_tokenizer(tokenizer_json: str | Path, out: str | Path, *, model_max_le
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename the complete folder `tmp` to `final`; an existing `final` is moved aside first (to a fresh
-    hidden name) and removed only once the new folder is in place."""
-    import os
-    import shutil
-    import tempfile
-
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-    os.replace(final, aside / final.name)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(aside / final.name, final)  # put the old export back
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def export_lm(
     model: Any,
     family: str,
@@ -300,11 +279,15 @@ def export_lm(
     same logits. Raises `ExportError` with the reasons when the family cannot express the model, and
     `FileExistsError` when `out` exists and not `overwrite`; nothing is written then. The folder is
     written under a temporary name and renamed into place, so a failure leaves no half export and an
-    overwritten export is replaced in one step."""
+    overwritten export is replaced in one step (`moekit.utils.io.replace_dir`; an export killed between its
+    two renames is put back in order here first)."""
     import shutil
     import tempfile
 
+    from moekit.utils.io import recover_dir, replace_dir
+
     out = Path(out)
+    recover_dir(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
@@ -318,8 +301,9 @@ def export_lm(
         hf.save_pretrained(str(tmp))
         if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, model_max_length=model.config.max_seq_len)
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_dir(out)  # failed between the renames: put the old export back
         raise
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moekit.utils.deps import MissingDependency, require
+from moekit.utils.io import atomic_save_npz, atomic_write, atomic_write_text
 
 EMBEDDERS = ("tfidf", "sentence-transformers")
 
@@ -138,8 +139,8 @@ class TfidfEmbedder:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"name": self.name, "config": asdict(self.config), "vocabulary": self.vocabulary}
-        (folder / "embedder.json").write_text(json.dumps(meta))
-        np.savez(folder / "embedder.npz", idf=self.idf, components=self.components)
+        atomic_save_npz(folder / "embedder.npz", {"idf": self.idf, "components": self.components})
+        atomic_write_text(folder / "embedder.json", json.dumps(meta))
 
     @classmethod
     def load(cls, folder: str | Path) -> TfidfEmbedder:
@@ -253,8 +254,10 @@ def encode_cached(embedder, texts: list[str], cache_dir: str | Path | None) -> n
     if path.exists():
         return np.load(path, allow_pickle=False)
     x = embedder.encode(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, x)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: _save_npy(tmp, x))
     return x
+
+
+def _save_npy(path: str, x: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: given a path, np.save would append .npy to it
+        np.save(f, x, allow_pickle=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekit.utils.io import atomic_save_npz, atomic_write_text
+
 
 @dataclass
 class RoutingTable:
@@ -98,10 +100,8 @@ class RoutingTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"queries": self.queries, "models": self.models, "categories": self.categories}
-        _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, quality=self.quality, cost=self.cost)
-        tmp.replace(path.with_suffix(".npz"))
+        atomic_save_npz(path.with_suffix(".npz"), {"quality": self.quality, "cost": self.cost})
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta))
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTable:
@@ -110,12 +110,6 @@ class RoutingTable:
         meta = json.loads(path.with_suffix(".json").read_text())
         with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrs:
             return cls(meta["queries"], meta["models"], arrs["quality"], arrs["cost"], meta["categories"])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 @dataclass

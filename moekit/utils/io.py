@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -48,6 +49,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
     """Copy a file atomically (the copy appears whole or not at all)."""
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_save_npz(path: str | Path, arrays: dict[str, Any]) -> None:
+    """Write numpy arrays to an .npz atomically (never pickled: object arrays are refused)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append .npz to it
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def old_dir(final: str | Path) -> Path:

@@ -140,3 +140,13 @@ def test_export_checks_odd_expert_widths(family, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", experts_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_export_killed_between_renames_is_put_back_before_the_overwrite_check(tmp_path):
+    out = tmp_path / "hf"
+    (tmp_path / "hf.old").mkdir()  # replace_dir moved the old export aside, then the process died
+    (tmp_path / "hf.old" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--force"):
+        export_lm(lm(), "mixtral", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "config.json").read_text() == "{}"

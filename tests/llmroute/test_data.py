@@ -190,17 +190,10 @@ def test_validation_share_does_not_change_the_test_part():
     assert a.test.tolist() == b.test.tolist()
 
 
-def _write_csv(path, header, rows):
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 def test_routellm_response_files_take_models_by_type_and_answer_lengths_for_cost(tmp_path):
     # RouteLLM's GSM8K file: correctness columns, then each model's answer as <model>_response
     long_answer = "Janet starts with 16 eggs. " * 40  # 1080 characters -> 270 tokens
-    _write_csv(
+    write_csv(
         tmp_path / "gsm8k.csv",
         ["prompt", "a", "b", "a_response", "b_response"],
         [["q one?", "True", "False", long_answer, "8"], ["q two!", "False", "True", "", "x" * 10]],
@@ -213,7 +206,7 @@ def test_routellm_response_files_take_models_by_type_and_answer_lengths_for_cost
         t.cost, np.array([[2 * 1 + 270 * 2, 2 * 10 + 1 * 20], [2 * 1 + 16 * 2, 2 * 10 + 3 * 20]]) / 1e6
     )
     # a token-count column wins over the text
-    _write_csv(
+    write_csv(
         tmp_path / "counted.csv",
         ["prompt", "a", "b", "a_response", "a_output_tokens", "id", "label"],
         [["q", "1", "0.5", "long text " * 50, "7", "1041", "yes"]],
@@ -225,7 +218,7 @@ def test_routellm_response_files_take_models_by_type_and_answer_lengths_for_cost
 
 def test_routellm_models_option_selects_before_checking_and_errors_stay_short(tmp_path):
     answer = "The answer is " + "very " * 2000 + "long."
-    _write_csv(
+    write_csv(
         tmp_path / "m.csv",
         ["prompt", "a", "b", "c"],
         [["q1", "True", "False", answer], ["q2", "False", "True", "True"]],
@@ -238,6 +231,6 @@ def test_routellm_models_option_selects_before_checking_and_errors_stay_short(tm
     assert len(str(e.value)) < 300 and "characters)" in str(e.value)
     with pytest.raises(ValueError, match=r"no column for models \['zz'\]; correctness columns here: \['a', 'b'\]"):
         load_routellm(tmp_path / "m.csv", prices=PRICES, models=["zz"])
-    _write_csv(tmp_path / "text.csv", ["prompt", "answer"], [["q", "some words"]])
+    write_csv(tmp_path / "text.csv", ["prompt", "answer"], [["q", "some words"]])
     with pytest.raises(ValueError, match="found none among"):
         load_routellm(tmp_path / "text.csv", prices=PRICES)

@@ -79,6 +79,25 @@ def test_contract_every_router(name, synthetic, tmp_path):
     np.testing.assert_allclose(back.strong_score(x_test, test), r.strong_score(x_test, test), rtol=1e-6)
 
 
+def test_failed_save_leaves_the_saved_router_whole_and_no_temp_files(synthetic, tmp_path, monkeypatch):
+    _, test, _, _, x_test = synthetic
+    r = fit("knn", synthetic)
+    r.save(tmp_path / "r")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+
+    def disk_full(file, *args, **kwargs):
+        (open(file, "wb") if isinstance(file, str | type(tmp_path)) else file).write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    r.args["k"] = 99  # a changed router.json, were it written
+    with pytest.raises(OSError, match="No space"):
+        r.save(tmp_path / "r")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_router(tmp_path / "r").route(x_test, 0.3, test), r.route(x_test, 0.3, test))
+
+
 @pytest.mark.parametrize("name", LEARNED)
 def test_learned_routers_find_the_best_policy(name, synthetic):
     _, test, _, _, x_test = synthetic

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from moekit.llmroute.table import RoutingTable
+from moekit.utils.io import atomic_save_npz, atomic_write_text
 
 _EPS = 1e-9
 
@@ -201,11 +202,8 @@ class Router:
             "weak": self.weak,
             "meta": self.meta(),
         }
-        tmp = folder / "router.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(folder / "router.json")
-        np.savez(folder / "weights.tmp.npz", **self.state())
-        (folder / "weights.tmp.npz").replace(folder / "weights.npz")
+        atomic_save_npz(folder / "weights.npz", self.state())
+        atomic_write_text(folder / "router.json", json.dumps(info, indent=2))
 
 
 def load_router(folder: str | Path) -> Router:
