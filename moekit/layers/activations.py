@@ -2,9 +2,10 @@
 
 `get_activation(name, **args)` returns an `Activation`: `act(x)` applies it element-wise (plain
 experts, dense MLPs), `act.glu(gate, up)` gives the gated product of gated (GLU) experts, and
-`grad` / `glu_grad` (`glu_with_grad`: output and gradients together) are their derivatives, for backends that write their own backward pass
-(moekit.layers.fused_mlp). Element-wise activations are listed in `ACTIVATIONS`; gated-only ones,
-which act on gate and up together and take arguments, in `GATED_ACTIVATIONS`.
+`grad` / `glu_grad` (`glu_with_grad`: output and gradients together) are their derivatives, for
+backends that write their own backward pass (moekit.layers.fused_mlp). Element-wise activations are
+listed in `ACTIVATIONS`; gated-only ones, which act on gate and up together and take arguments, in
+`GATED_ACTIVATIONS`.
 """
 
 from __future__ import annotations
