@@ -2,9 +2,10 @@
 
 `get_activation(name, **args)` returns an `Activation`: `act(x)` applies it element-wise (plain
 experts, dense MLPs), `act.glu(gate, up)` gives the gated product of gated (GLU) experts, and
-`grad` / `glu_grad` are their derivatives, for backends that write their own backward pass
-(moekit.layers.fused_mlp). Element-wise activations are listed in `ACTIVATIONS`; gated-only ones,
-which act on gate and up together and take arguments, in `GATED_ACTIVATIONS`.
+`grad` / `glu_grad` (`glu_with_grad`: output and gradients together) are their derivatives, for
+backends that write their own backward pass (moekit.layers.fused_mlp). Element-wise activations are
+listed in `ACTIVATIONS`; gated-only ones, which act on gate and up together and take arguments, in
+`GATED_ACTIVATIONS`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ class Activation:
 
     def glu_grad(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
         """Gradients of `glu(gate, up)` for the output gradient `grad`: (d gate, d up)."""
-        return self.grad(grad * up, gate), grad * self.fn(gate)
+        return self.glu_with_grad(grad, gate, up)[1:]
+
+    def glu_with_grad(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(glu(gate, up), d gate, d up) for the output gradient `grad`, computing act(gate) once (a
+        backward pass that recomputes the forward's output needs both)."""
+        ag = self.fn(gate)
+        return ag * up, self.grad(grad * up, gate), grad * ag
 
     def args(self) -> dict[str, Any]:
         """JSON-ready arguments (none for element-wise activations)."""
@@ -105,20 +112,20 @@ class ClampedSwiGLU(Activation):
     def grad(self, grad: Tensor, x: Tensor) -> Tensor:
         raise ValueError("clamped_swiglu has no element-wise derivative; use glu_grad")
 
-    def glu_grad(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    def glu_with_grad(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         g = gate.clamp(max=self.limit)
         u = up.clamp(min=-self.limit, max=self.limit)
         if self.up_offset:
             u = u + self.up_offset
         gu = grad * u
         if self.alpha == 1.0:
-            d_g = torch.ops.aten.silu_backward(gu, g)
+            sw, d_g = F.silu(g), torch.ops.aten.silu_backward(gu, g)
         else:
             sig = torch.sigmoid(g * self.alpha)
-            d_g = gu * sig * (1 + self.alpha * g * (1 - sig))
+            sw, d_g = g * sig, gu * sig * (1 + self.alpha * g * (1 - sig))  # sw: `_swish(g)`
         d_gate = d_g * (gate <= self.limit)  # clamp passes the gradient where it does not bind
-        d_up = grad * self._swish(g) * ((up >= -self.limit) & (up <= self.limit))
-        return d_gate, d_up
+        d_up = grad * sw * ((up >= -self.limit) & (up <= self.limit))
+        return sw * u, d_gate, d_up
 
     def args(self) -> dict[str, Any]:
         return {"limit": self.limit, "alpha": self.alpha, "up_offset": self.up_offset}

@@ -116,10 +116,11 @@ def plan(expert_ids: Tensor, num_experts: int, *, offset: int = 0, num_local: in
     whole = offset == 0 and num_local == num_experts
     if not whole:
         check_expert_slice("plan", num_experts, offset, num_local)
-    T, k = expert_ids.shape
-    flat = expert_ids.t().reshape(-1)  # [k*T], slot-major
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)  # [T*k], row-major: position t*k + j (a view, no copy)
+    shifted = flat + 1  # [T*k], ids + 1: -1 slots are 0
     try:
-        counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()
+        counts = torch.bincount(shifted, minlength=num_experts + 1).tolist()
     except RuntimeError:  # a negative id below -1
         raise ValueError(f"expert ids must be in [-1, {num_experts}), found {int(flat.min())}") from None
     if len(counts) > num_experts + 1:
@@ -130,8 +131,9 @@ def plan(expert_ids: Tensor, num_experts: int, *, offset: int = 0, num_local: in
         local = counts[1 + offset : 1 + offset + num_local]
         start = counts[0] + sum(counts[1 : 1 + offset])  # sorted position of expert `offset`'s first slot
         end = start + sum(local)
-    by_slot = torch.argsort(flat, stable=True)[start:end]  # positions j*T + t
-    order = (by_slot % T) * k + by_slot // T  # -> positions t*k + j in the row-major [T*k] slots
+    # key (id + 1) * k + slot: sorted by expert, then slot, then token (stable); -1 slots first
+    key = shifted.view(-1, k).mul_(k).add_(torch.arange(k, device=flat.device)).view(-1)
+    order = torch.argsort(key, stable=True)[start:end]  # positions t*k + j in the row-major [T*k] slots
     return Plan(order=order, token=order // k, counts=local, expert_ids=expert_ids, offset=offset)
 
 

@@ -67,18 +67,14 @@ class FusedExpertMLPFn(torch.autograd.Function):
         gw2 = torch.zeros_like(w2) if ctx.needs_input_grad[2] else None
         for e, s, t in ctx.segs:
             he, gye = h[s:t], gy[s:t]
-            if gated:
-                g, u = he[:, :F_], he[:, F_:]
-                a = act.glu(g, u)
+            ga = torch.mm(gye, w2[e])  # [n, D] x [D, F] -> [n, F]
+            if gated:  # the activation's output and its gradient from one act(gate)
+                a, d_gate, d_up = act.glu_with_grad(ga, he[:, :F_], he[:, F_:])
+                gh = torch.cat([d_gate, d_up], dim=1)  # [n, 2F]
             else:
-                a = act(he)
+                a, gh = act(he), act.grad(ga, he)
             if gw2 is not None:
                 torch.mm(gye.t(), a, out=gw2[e])  # [D, n] x [n, F] -> [D, F]
-            ga = torch.mm(gye, w2[e])  # [n, D] x [D, F] -> [n, F]
-            if gated:
-                gh = torch.cat(act.glu_grad(ga, g, u), dim=1)  # [n, 2F]
-            else:
-                gh = act.grad(ga, he)
             if gw1 is not None:
                 torch.mm(gh.t(), x[s:t], out=gw1[e])  # [2F, n] x [n, D] -> [2F, D]
             if gx is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing.base import Router, check_logits, renormalize, seq_len_of
+from moekit.routing.base import Router, check_logits, seq_len_of, top_k
 from moekit.routing.losses import balance_losses
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing, RoutingContext
@@ -81,10 +81,7 @@ class UncertaintyRouter(Router):
             select = mu + torch.randn_like(mu) * var.sqrt()
         else:
             select = calibrated
-        ids = torch.topk(select, self.k, dim=-1).indices  # [T, k]
-        weights = calibrated.gather(1, ids)
-        if self.normalize:
-            weights = renormalize(weights)
+        weights, ids = top_k(calibrated, self.k, normalize=self.normalize, select=select)  # [T, k]
         aux = balance_losses(
             calibrated, mu, ids, load_balance=self.load_balance, seq_balance=0.0, z=0.0, seq_len=seq_len_of(context),
         )

@@ -97,3 +97,34 @@ def test_bf16_backends_add_outputs_as_eager(backend, weights_dtype):
         r16 = Routing(r.expert_ids, r.weights.to(torch.bfloat16), r.logits, 6)
         with torch.no_grad():
             assert not torch.equal(experts(x, r16, backend="eager"), want)
+
+
+@pytest.mark.parametrize("name", ["silu", "clamped_swiglu"])
+def test_fused_backward_matches_autograd_and_computes_the_gate_activation_once(name, monkeypatch):
+    """The loop backend's backward recomputes act(gate) once per expert (output and gradients share it)."""
+    from moekit.layers.fused_mlp import fused_expert_mlp
+
+    act = get_activation(name, **({"limit": 0.7} if name == "clamped_swiglu" else {}))
+    calls = []
+    real_silu = F.silu
+    monkeypatch.setattr(F, "silu", lambda t, *a, **kw: calls.append(1) or real_silu(t, *a, **kw))
+    if name == "silu":
+        act.fn = F.silu  # the patched one
+    torch.manual_seed(0)
+    counts = [5, 0, 7]
+    x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    y = fused_expert_mlp(x, w1, w2, counts, act, True)
+    assert len(calls) == 2  # forward: once per non-empty expert
+    calls.clear()
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, w1, w2], gy)
+    assert len(calls) == 2  # backward: once per non-empty expert (was twice)
+    rows = torch.split(x, counts)
+    ref = torch.cat([
+        act.glu(*(r @ w1[e].t()).chunk(2, dim=-1)) @ w2[e].t() for e, r in enumerate(rows)
+    ])
+    want = torch.autograd.grad(ref, [x, w1, w2], gy)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -243,3 +243,16 @@ def test_float64_runs_on_every_backend_but_grouped_which_says_so():
     with pytest.raises(TypeError, match=r"'grouped': torch's grouped_mm takes torch.float32, torch.bfloat16, "
                                         r"torch.float16, not torch.float64; use backend='loop'"):
         experts(x, routing, backend="grouped")
+
+
+def test_plan_sorts_by_expert_then_slot_then_token():
+    """Hand-computed: within an expert, rows come by slot, then token; -1 slots are cut off."""
+    from moekit.layers.dispatch import plan
+
+    ids = torch.tensor([[1, 0], [0, 1], [1, -1], [0, 1]])  # [T=4, k=2]
+    p = plan(ids, 3)
+    # expert 0: (t0, j1), (t1, j0), (t3, j0) -> by slot: t1 j0, t3 j0, t0 j1; expert 1: t0 j0, t2 j0, t1 j1, t3 j1
+    want = [1 * 2 + 0, 3 * 2 + 0, 0 * 2 + 1, 0 * 2 + 0, 2 * 2 + 0, 1 * 2 + 1, 3 * 2 + 1]
+    assert p.order.tolist() == want and p.token.tolist() == [1, 3, 0, 0, 2, 1, 3] and p.counts == [3, 4, 0]
+    part = plan(ids, 3, offset=1, num_local=1)
+    assert part.order.tolist() == want[3:] and part.counts == [4]
