@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, route, train
+from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, route, train, tune
 from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ def _root(
 app.command(name="demo", help=demo.__doc__)(demo.demo)
 app.command(name="quickstart")(quickstart.quickstart)
 app.command(name="train")(train.train)
+app.command(name="tune")(tune.tune)
 app.command(name="eval")(evaluate.eval_cmd)
 app.command(name="generate")(generate.generate)
 app.command(name="inspect")(inspect.inspect)
