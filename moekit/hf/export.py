@@ -98,7 +98,8 @@ def _router_config(cfg: Any, spec: ExportSpec, hf_fields: dict[str, Any], reason
                     f"{fam.name} routing has no equivalent of {arg}={value!r} (only the default {defaults[arg]!r})"
                 )
             continue
-        if native[arg] != value:
+        if native[arg] != value and not (arg == "routed_scale" and native[arg] == 1.0):
+            # a routed scale the family lacks is folded into the experts' down projections (`folded_scales`)
             reasons.append(f"{fam.name} routing fixes {arg}={native[arg]!r}; the model's router has {arg}={value!r}")
 
 
@@ -135,8 +136,6 @@ def hf_config_for(lm_config: Any, family: str) -> Any:
         reasons.append("moe_iterations > 1 (Chain-of-Experts) has no transformers equivalent")
     if getattr(cfg, "mod_capacity", 1.0) < 1:
         reasons.append("mod_capacity < 1 (mixture-of-depths blocks) has no transformers equivalent")
-    if getattr(cfg, "ffn_out_mult", 1.0) != 1:
-        reasons.append("ffn_out_mult != 1 scales the feed-forward output, which transformers blocks do not")
     if getattr(cfg, "share_blocks", False):
         reasons.append("share_blocks (WideNet) has no transformers equivalent")
     if getattr(cfg, "experts", "ffn") != "ffn":
@@ -186,14 +185,32 @@ def hf_config_for(lm_config: Any, family: str) -> Any:
     return config
 
 
+def folded_scales(cfg: Any) -> tuple[float, float]:
+    """(routed, other): the factors the export multiplies into the down projections of the routed experts and of
+    every other feed-forward (dense MLPs, shared experts), so that a model trained with `ffn_out_mult` or a
+    router's `routed_scale` (which transformers' top-k blocks lack) gives the same outputs. Both are linear
+    scalings of a feed-forward's output, and `down @ h * s == (s * down) @ h` (up to one rounding)."""
+    other = float(getattr(cfg, "ffn_out_mult", 1.0))
+    # `hf_config_for` refuses a routed_scale the family cannot take this way (it folds it only where the family's
+    # routing is the router's with routed_scale 1: transformers' top-k families)
+    routed = other * float(cfg.router_args.get("routed_scale", 1.0) if cfg.num_experts else 1.0)
+    return routed, other
+
+
 def hf_state_dict(model: Any, family: str) -> dict[str, torch.Tensor]:
-    """moekit LM tensors under the transformers names of `family` (no copies)."""
+    """moekit LM tensors under the transformers names of `family` (no copies, except down projections that
+    carry a folded output scale: `folded_scales`)."""
     fam = get_family(EXPORTS[family].family)
+    routed, other = folded_scales(model.config)
     out = {}
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
             out[key] = t
             continue
+        if key.endswith(".mlp.experts.down_proj") and routed != 1:
+            t = t * routed
+        elif key.endswith("down_proj.weight") and ".mlp." in key and other != 1:
+            t = t * other
         k = key.replace(".mlp.router.", f".mlp.{fam.gate}.")
         if fam.shared is not None:
             k = k.replace(".mlp.shared_experts.", f".mlp.{fam.shared}.")

@@ -80,8 +80,6 @@ def test_inexpressible_models_list_every_reason(monkeypatch):
         hf_config_for(LMConfig(**BASE), "qwen3_moe")
     with pytest.raises(ExportError, match="normalize=True"):
         hf_config_for(LMConfig(**BASE, router_args={"k": 2, "normalize": False}), "mixtral")
-    with pytest.raises(ExportError, match="mixtral routing fixes routed_scale=1.0; .* has routed_scale=2.0"):
-        hf_config_for(LMConfig(**BASE, router_args={"k": 2, "routed_scale": 2.0}), "mixtral")
     with pytest.raises(ExportError, match="olmoe routing fixes selection_bias=False.*selection_bias=True"):
         hf_config_for(LMConfig(**BASE, qk_norm="full", router_args={"k": 2, "selection_bias": True}), "olmoe")
     with pytest.raises(ExportError, match="dense blocks \\[0\\]"):
@@ -150,3 +148,25 @@ def test_export_killed_between_renames_is_put_back_before_the_overwrite_check(tm
         export_lm(lm(), "mixtral", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("mixtral", dict(router_args={"k": 2, "routed_scale": 2.0}, ffn_out_mult=1.5)),
+        ("qwen3_moe", dict(TARGETS["qwen3_moe"], router_args={"k": 3, "routed_scale": 3.0}, ffn_out_mult=0.5)),
+    ],
+)
+def test_output_scales_are_folded_into_down_projections(family, overrides):
+    """routed_scale and ffn_out_mult have no transformers field: the export multiplies them into the down
+    projections (routed experts: both; dense MLPs: ffn_out_mult), with the same logits."""
+    model = lm(**overrides)
+    from moekit.hf.export import check_logits, hf_state_dict, to_hf
+
+    hf = to_hf(model, family)
+    assert check_logits(model, hf) < 1e-4
+    state, own = hf_state_dict(model, family), model.state_dict()
+    scale = overrides["router_args"]["routed_scale"] * overrides["ffn_out_mult"]
+    key = next(k for k in own if k.endswith("mlp.experts.down_proj"))
+    assert torch.equal(state["model." + key], own[key] * scale)
+    assert own[key].data_ptr() != state["model." + key].data_ptr()  # the model's own weights are untouched

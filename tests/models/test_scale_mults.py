@@ -78,8 +78,9 @@ def test_config_round_trip_and_bad_values(tmp_path):
                 LMConfig(**TINY, **{field: bad})
 
 
-def test_hf_export_refuses_ffn_out_mult():
-    from moekit.hf.export import ExportError, hf_config_for
+def test_hf_export_folds_ffn_out_mult():
+    from moekit.hf.export import folded_scales, hf_config_for
 
-    with pytest.raises(ExportError, match="ffn_out_mult"):
-        hf_config_for(LMConfig(**dict(TINY, first_k_dense=0, num_shared_experts=0), ffn_out_mult=2.0), "mixtral")
+    cfg = LMConfig(**dict(TINY, first_k_dense=0, num_shared_experts=0), ffn_out_mult=2.0)
+    hf_config_for(cfg, "mixtral")  # expressible: the export multiplies it into the down projections
+    assert folded_scales(cfg) == (2.0, 2.0)
