@@ -148,3 +148,22 @@ def test_finished_seed_runs_are_reused_and_a_new_seed_trains_alone(board):
     # another first seed means other data for runs/<entry>/: refused, not silently mixed
     with pytest.raises(FileExistsError, match="data seed"):
         run_leaderboard("smoke", ["topk"], root / "out", seeds=[1, 0], progress=False, log=lambda *_: None)
+
+
+def test_bench_train_refuses_a_missing_device_and_bf16_on_cpu_in_one_line(tmp_path):
+    """benchmarks/bench_train.py takes moekit train's --device/--dtype: what this machine cannot run is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
+    cases = [["--dtype", "bfloat16", "--device", "cpu"]]
+    if not torch.cuda.is_available():
+        cases.append(["--device", "cuda"])
+    for extra in cases:
+        p = subprocess.run([sys.executable, str(script), *extra, "--out", str(tmp_path / "b.json")],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and p.stderr.startswith("error:") and p.stderr.count("\n") == 1, p.stderr
+        assert not (tmp_path / "b.json").exists()
