@@ -49,7 +49,7 @@ BUDGETS: dict[str, Budget] = {
     # a budget that separates routers (issue 13): small's model trained 4x longer on twice the text, evaluated on
     # twice the windows, meant for 3 seeds (`--seeds 0,1,2`). Estimate from small's measured ~0.25 s per step:
     # 1000 steps ~ 250 s + 10 evaluations of 3x32 windows (~20 s) per top-2 entry; SMEAR, SMoE-Dropout and THOR
-    # cost 2-3x that, so ~4x small's 30 min = ~120 min per seed for all 27 entries (~6 h for 3 seeds), ~55 min
+    # cost 2-3x that, so ~4x small's 30 min = ~120 min per seed for all 27 entries (~6 h for 3 seeds), ~60 min
     # per seed for the claim entries alone (moekit.bench.claims.CLAIM_ENTRIES). 2M tokens at 1000 x 16 x 128
     # is more than one pass over the built-in corpus today (it grows with issue 13's corpus work).
     "medium": Budget(steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=4096,

@@ -43,7 +43,7 @@ def routers(
         for name, e in ENTRIES.items():
             typer.echo(f"{name:20s} {e.router or '(dense)'} {e.router_args} {e.note}")
         for name, b in BUDGETS.items():
-            typer.echo(f"budget {name}: {b.steps} steps, ~{b.minutes_2_cores:g} min on 2 cores")
+            typer.echo(f"budget {name}: {b.steps} steps, ~{b.minutes_2_cores:g} min per seed on 2 cores")
         return
     from moekit.bench.seeds import parse_seeds
 

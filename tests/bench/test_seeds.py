@@ -167,3 +167,11 @@ def test_bench_train_refuses_a_missing_device_and_bf16_on_cpu_in_one_line(tmp_pa
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1 and p.stderr.startswith("error:") and p.stderr.count("\n") == 1, p.stderr
         assert not (tmp_path / "b.json").exists()
+
+
+def test_docs_list_the_claims_in_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "leaderboard.md").read_text()
+    for c in CLAIMS:
+        assert f"| {c.entry} | {c.baseline} |" in doc and c.paper.split(" ")[0] in doc, c.key
