@@ -5,8 +5,11 @@ AdamW steps, in one process.
 
     python benchmarks/bench_train.py                 # tiny-moe shapes, CPU fp32, 2 threads
     python benchmarks/bench_train.py --steps 12 --batch-size 16 --seq-len 128
+    python benchmarks/bench_train.py --device cuda --dtype bfloat16 --threads 0   # on a GPU (bf16 autocast)
 
-Both models compute a load-balancing auxiliary loss (HF: output_router_logits=True). Prints
+`--device` / `--dtype` / `--bf16-on-cpu` are moekit train's (bfloat16 autocasts the forward passes; refused
+on CPU unless --bf16-on-cpu). Both models compute a load-balancing auxiliary loss (HF:
+output_router_logits=True). Prints
 tokens/s and the ratio moekit / HF best; writes JSON and markdown to benchmarks/results/.
 """
 
@@ -25,6 +28,7 @@ from common import environment, write_json  # noqa: E402
 
 from moekit.models import MoELM  # noqa: E402
 from moekit.models.presets import preset  # noqa: E402
+from moekit.train.device import autocast, resolve_device  # noqa: E402
 
 
 def hf_qwen3_moe(cfg, impl: str):
@@ -41,16 +45,19 @@ def hf_qwen3_moe(cfg, impl: str):
     return Qwen3MoeForCausalLM(hc)
 
 
-def step_fn(model, opt, x, y, is_moekit: bool):
+def step_fn(model, opt, x, y, is_moekit: bool, device: torch.device, dtype: str):
     def step():
-        if is_moekit:
-            out = model(x, targets=y)
-            loss = out.loss + out.aux_loss
-        else:
-            loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; includes the aux loss
+        with autocast(device, dtype):  # forward under bf16 autocast when asked, as moekit train does
+            if is_moekit:
+                out = model(x, targets=y)
+                loss = out.loss + out.aux_loss
+            else:
+                loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside; includes the aux loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # time the step, not its launch
 
     return step
 
@@ -62,22 +69,31 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/bench_train_cpu_float32.json")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (TrainConfig.device)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward compute dtype")
+    ap.add_argument("--bf16-on-cpu", action="store_true", help="allow --dtype bfloat16 on CPU (much slower)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/bench_train_<device>_<dtype>.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    try:  # a device this machine lacks is one line, before any model is built
+        where = resolve_device(args.device, args.dtype, bf16_on_cpu=args.bf16_on_cpu)
+    except ValueError as exc:
+        ap.exit(1, f"error: {exc}\n")
+    args.out = args.out or f"benchmarks/results/bench_train_{where.type}_{args.dtype}.json"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = preset(args.preset, max_seq_len=args.seq_len, qk_norm="head")  # Qwen3's per-head q/k norms, in both
     torch.manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len)).to(where)
     y = torch.roll(x, -1, dims=1)
     models = {"moekit": MoELM(cfg)}
     for impl in ("grouped_mm", "eager"):
         models[f"hf_qwen3_moe_{impl}"] = hf_qwen3_moe(cfg, impl)
     steps = {}
     for name, m in models.items():
-        m.train()
+        m.to(where).train()  # weights and optimiser state stay float32; autocast picks the compute dtype
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        steps[name] = step_fn(m, opt, x, y, name == "moekit")
+        steps[name] = step_fn(m, opt, x, y, name == "moekit", where, args.dtype)
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
@@ -99,6 +115,8 @@ def main() -> None:
         "benchmark": "bench_train",
         "env": env,
         "preset": args.preset,
+        "device": str(where),
+        "dtype": args.dtype,
         "config": cfg.to_dict(),
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
@@ -111,7 +129,8 @@ def main() -> None:
     md = [
         f"Command: `{env['command']}`  ",
         f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch "
-        f"{env['torch']}, transformers {env.get('transformers')}, threads {env['torch_threads']}; {env['date']}",
+        f"{env['torch']}, transformers {env.get('transformers')}, threads {env['torch_threads']}; "
+        f"trained on {where} in {args.dtype}; {env['date']}",
         "",
         "| model | params | tokens/s | vs HF best |",
         "|---|---:|---:|---:|",
