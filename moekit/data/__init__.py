@@ -9,16 +9,18 @@ The one call training needs:
 """
 
 from moekit.data.cache import cache_root
-from moekit.data.corpus import BUILTIN_DOMAINS, builtin_corpus
+from moekit.data.corpus import ALL_DOMAINS, BUILTIN_DOMAINS, builtin_corpus
 from moekit.data.dataset import TokenDataset
 from moekit.data.document import Document
 from moekit.data.files import load_documents
 from moekit.data.prepare import DataConfig, PreparedData, prepare_data
-from moekit.data.sources import load_bible, load_code, load_wiki
+from moekit.data.reference import reference_data_config
+from moekit.data.sources import load_bible, load_code, load_docs, load_libcode, load_wiki
 from moekit.data.split import split_documents
 from moekit.data.tokenizer import EOS_TOKEN, BPETokenizer, TokenizerConfig
 
 __all__ = [
+    "ALL_DOMAINS",
     "BPETokenizer",
     "BUILTIN_DOMAINS",
     "DataConfig",
@@ -31,8 +33,11 @@ __all__ = [
     "cache_root",
     "load_bible",
     "load_code",
+    "load_docs",
     "load_documents",
+    "load_libcode",
     "load_wiki",
     "prepare_data",
+    "reference_data_config",
     "split_documents",
 ]

@@ -1,4 +1,5 @@
-"""The built-in multi-domain corpus: Wikipedia articles, Bible chapters and stdlib source files, each labelled."""
+"""The built-in multi-domain corpus: Wikipedia articles, Bible chapters, stdlib and package source files and
+documentation, each labelled."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import random
 from moekit.data.document import Document
 from moekit.data.sources import SOURCES
 
-BUILTIN_DOMAINS = ("wiki", "bible", "code")
+BUILTIN_DOMAINS = ("wiki", "bible", "code")  # the default corpus
+# Every built-in domain: the default three, the source of installed packages and their documentation.
+ALL_DOMAINS = BUILTIN_DOMAINS + ("libcode", "docs")
 DEFAULT_MAX_CHARS_PER_DOMAIN = 2_000_000
 # A document cut to fit a domain's budget keeps at least this many characters, or is left out.
 _MIN_PIECE = 200
 
-__all__ = ["BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "builtin_corpus", "cap_documents"]
+__all__ = ["ALL_DOMAINS", "BUILTIN_DOMAINS", "DEFAULT_MAX_CHARS_PER_DOMAIN", "builtin_corpus", "cap_documents"]
 
 
 def cap_documents(docs: list[Document], max_chars: int, seed: int | str) -> list[Document]:
@@ -49,8 +52,9 @@ def builtin_corpus(
     Args:
         max_chars_per_domain: character budget of each domain (whole documents drawn at random, the last one cut).
         seed: which documents are drawn.
-        domains: a subset of ("wiki", "bible", "code").
-        balance: lower every domain's budget to the smallest domain's size, so domains weigh the same.
+        domains: a subset of `ALL_DOMAINS` ("wiki", "bible", "code", "libcode", "docs").
+        balance: lower every domain's budget to the smallest domain's size, so domains weigh the same; when
+            False each domain keeps up to `max_chars_per_domain` of its own text, whatever the others have.
     Raises:
         MissingDependency (moekit.utils.deps): a package that carries a domain's text is not installed (the
             message says what to install).

@@ -48,6 +48,7 @@ class DataConfig:
     seed: int = 0  # drives which built-in documents are drawn and the split
     max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN  # built-in only: character budget of each domain
     domains: list[str] = field(default_factory=lambda: list(BUILTIN_DOMAINS))  # built-in only: which domains
+    balance: bool = True  # built-in only: cut every domain to the smallest one's size (False: each keeps its own)
     text_field: str = "text"  # files only: JSONL field / Parquet column with the text
     label_field: str | None = None  # files only: JSONL field / Parquet column with the label (else the file stem)
     min_frequency: int = 2  # BPE: merge a pair only if it occurs at least this often
@@ -68,6 +69,8 @@ class DataConfig:
         if self.max_chars_per_domain < 1:
             raise ValueError(f"DataConfig.max_chars_per_domain must be >= 1, found {self.max_chars_per_domain}")
         self.domains = list(self.domains)
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"DataConfig.balance must be True or False, found {self.balance!r}")
         bad = [d for d in self.domains if d not in SOURCES]
         if bad or not self.domains:
             raise ValueError(f"DataConfig.domains must be a non-empty subset of {list(SOURCES)}, found {self.domains}")
@@ -130,12 +133,14 @@ def _fingerprint(config: DataConfig) -> dict:
 
 def _settings(config: DataConfig) -> dict:
     s = asdict(config)
+    if config.balance:  # the default: left out, so entries keyed before the field existed are still found
+        s.pop("balance")
     if config.is_builtin:
         for k in ("text_field", "label_field"):
             s.pop(k)
     else:  # the files are identified by their resolved paths in the fingerprint, however they were spelled
-        for k in ("spec", "max_chars_per_domain", "domains"):
-            s.pop(k)
+        for k in ("spec", "max_chars_per_domain", "domains", "balance"):
+            s.pop(k, None)
     if config.tokenizer is not None:
         s.pop("vocab_size")
         s.pop("min_frequency")
@@ -144,7 +149,9 @@ def _settings(config: DataConfig) -> dict:
 
 def _load(config: DataConfig) -> list[Document]:
     if config.is_builtin:
-        return builtin_corpus(config.max_chars_per_domain, seed=config.seed, domains=tuple(config.domains))
+        return builtin_corpus(
+            config.max_chars_per_domain, seed=config.seed, domains=tuple(config.domains), balance=config.balance
+        )
     return load_documents(config.spec, text_field=config.text_field, label_field=config.label_field)
 
 
@@ -171,11 +178,12 @@ def prepare_data(
     """Build (first time) or open (afterwards) the tokenizer and tokenised train/validation splits.
 
     Args:
-        spec: "builtin" for the built-in wiki/bible/code corpus, path(s) of your own files, or a `DataConfig`.
+        spec: "builtin" for the built-in corpus (see `DataConfig.domains`), path(s) of your own files, or a
+            `DataConfig`.
         cache_dir: cache root; default `$MOEKIT_CACHE`, else `~/.cache/moekit`.
         progress: show progress on stderr while building.
         **settings: other `DataConfig` fields (vocab_size, val_fraction, seed, max_chars_per_domain, domains,
-            text_field, label_field, min_frequency, tokenizer); not allowed together with a `DataConfig`.
+            balance, text_field, label_field, min_frequency, tokenizer); not allowed together with a `DataConfig`.
     Returns:
         `PreparedData` with `.tokenizer`, `.train`, `.val` (`TokenDataset`s) and `.label_names`.
     """

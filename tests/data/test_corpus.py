@@ -64,7 +64,7 @@ def test_builtin_corpus_balanced_capped_deterministic():
 
 
 def test_unknown_domain():
-    with pytest.raises(ValueError, match=r"subset of \['wiki', 'bible', 'code'\], found \['news'\]"):
+    with pytest.raises(ValueError, match=r"subset of \[.wiki., .bible., .code., .libcode., .docs.\], found \['news'\]"):
         builtin_corpus(domains=("news",))
 
 
