@@ -61,8 +61,25 @@ def export_hf(name: str, out_dir: str | Path, budget: str = "ref", seed: int = 0
             raise ValueError(f"{name} is a dense model: transformers MoE families need experts; "
                              f"reference MoEs: {', '.join(HF_FAMILY)}")
         family = HF_FAMILY[name]
-    return export_lm(load_model(folder), family, out_dir, check=check, tokenizer=folder / "tokenizer.json",
-                     overwrite=overwrite)
+    model = fold_routed_scale(load_model(folder))
+    return export_lm(model, family, out_dir, check=check, tokenizer=folder / "tokenizer.json", overwrite=overwrite)
+
+
+def fold_routed_scale(model: MoELM) -> MoELM:
+    """An equal model whose router has no `routed_scale`: the factor moves into every routed expert's
+    `down_proj [E, D, F]` (the experts' output is linear in it; shared experts are not scaled by the router), so
+    families without a routed scaling setting (Mixtral) can express it. `model` itself is left as it is."""
+    import dataclasses
+
+    cfg = model.config
+    scale = float(cfg.router_args.get("routed_scale", 1.0)) if cfg.num_experts else 1.0
+    if scale == 1.0:
+        return model
+    args = {k: v for k, v in cfg.router_args.items() if k != "routed_scale"}
+    folded = MoELM(dataclasses.replace(cfg, router_args=args))
+    state = {k: v * scale if k.endswith(".mlp.experts.down_proj") else v for k, v in model.state_dict().items()}
+    folded.load_state_dict(state)
+    return folded.train(model.training)
 
 
 def built(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
