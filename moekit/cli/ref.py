@@ -31,7 +31,7 @@ def build(
     """Train the reference models into the moekit cache (finished ones are reused, interrupted ones resume),
     then measure them and write results.json and results.md."""
     from moekit.ref import build as build_ref
-    from moekit.ref.build import budget_dir
+    from moekit.ref.builder import budget_dir
 
     set_threads(threads)
     names = [n.strip() for n in models.split(",") if n.strip()]

@@ -8,7 +8,7 @@ fixed budget and cached, so that benchmarks of every area evaluate on the same t
 """
 
 from moekit.ref.budgets import ALL_MODELS, BUDGETS, MODELS, RefBudget, model_config, ref_data_config
-from moekit.ref.build import build, run_dir
+from moekit.ref.builder import build, run_dir
 from moekit.ref.load import built, export_hf, load, load_tokenizer
 
 __all__ = [

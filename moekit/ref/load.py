@@ -10,7 +10,7 @@ from typing import Any
 from moekit.data import BPETokenizer, cache_root
 from moekit.models import MoELM
 from moekit.ref.budgets import BUDGETS, check_model, get_budget
-from moekit.ref.build import build_command, run_dir
+from moekit.ref.builder import build_command, run_dir
 from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 
 # transformers family each reference MoE exports to by default (moekit.hf.export says what it cannot express)
