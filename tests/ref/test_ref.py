@@ -163,3 +163,43 @@ def test_cli_build_list_and_errors(cache, tmp_path, monkeypatch):
     r = runner.invoke(app, ["ref", "export", "ref-moe-fg", "--to", str(tmp_path / "x"), "--budget", "smoke"])
     assert r.exit_code == 1 and r.output.startswith("error: reference model ref-moe-fg")
     assert "moekit ref build" in r.output
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_dense.py"
+    spec = importlib.util.spec_from_file_location("moe_vs_dense_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_moe_vs_dense_compare_seed_by_hand():
+    bench = _benchmark()
+    hist = lambda *losses: [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    rows = {"ref-dense": {"history": hist(5.0, 4.0)}, "ref-dense-4x": {"history": hist(4.8, 3.6)},
+            "ref-moe": {"history": hist(4.5, 3.7)}}
+    s = bench.compare_seed(rows, 20)
+    assert s["moe_steps_to_dense_final"] == pytest.approx(10 + 10 * 0.5 / 0.8)  # 4.5 -> 3.7 crosses 4.0 at 5/8
+    assert s["ratio"] == pytest.approx(16.25 / 20)
+    assert s["gain_fraction"] == pytest.approx(0.3 / 0.4)
+    rows["ref-dense-4x"] = {"history": hist(5.0, 4.1)}  # no gain to realise: not a fraction
+    assert bench.compare_seed(rows, 20)["gain_fraction"] is None
+
+
+def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypatch):
+    root, rows = cache
+    copy = shutil.copytree(root, tmp_path / "cache")
+    monkeypatch.setenv("MOEKIT_CACHE", str(copy))
+    mtime = (run_dir("ref-moe", "smoke", 0, copy) / CKPT / "model.safetensors").stat().st_mtime_ns
+    payload = _benchmark().compare_ref("smoke", [0], str(tmp_path / "mvd.json"), device="cpu", dtype="float32",
+                                       where="cpu")
+    assert (run_dir("ref-moe", "smoke", 0, copy) / CKPT / "model.safetensors").stat().st_mtime_ns == mtime
+    s = payload["summary"]["0"]
+    assert s["moe_final_loss"] == rows[1]["history"][-1]["loss"]
+    assert s["dense_final_loss"] == rows[0]["history"][-1]["loss"]
+    saved = json.loads((tmp_path / "mvd.json").read_text())
+    assert saved["budget"] == "smoke" and saved["seeds"] == [0]
+    assert "| 0 |" in (tmp_path / "mvd.md").read_text()
