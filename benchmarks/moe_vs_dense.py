@@ -1,12 +1,20 @@
-"""The classic MoE result at tiny scale: an MoE LM (E=8, k=2) and a dense LM with the same active
-parameters, same data, steps and seed. Records both validation curves and the number of steps the
-MoE needs to reach the dense model's final validation loss.
+"""The classic MoE result: an MoE LM and a dense LM with the same active parameters, same data, steps and
+seed. Records the validation curves and the number of steps the MoE needs to reach the dense model's final
+validation loss.
 
-    python benchmarks/moe_vs_dense.py                     # 600 steps each, built-in corpus
+--budget tiny (the default): tiny-moe (E=8, k=2) against tiny-dense, trained here in a temporary folder.
+--budget ref: the reference models (moekit.ref, `moekit ref build`), for each of --seeds: ref-moe against
+ref-dense (equal active FLOPs) and ref-dense-4x (equal total parameters). The runs are moekit.ref's cached,
+resumable ones, so reference models already built are reused and an interrupted benchmark continues.
+--budget smoke: the same comparison at the reference `smoke` budget (micro models, seconds; for tests).
+
+    python benchmarks/moe_vs_dense.py                     # tiny: 600 steps each, built-in corpus
     python benchmarks/moe_vs_dense.py --steps 100 --eval-every 20
     python benchmarks/moe_vs_dense.py --device cuda --dtype bfloat16 --threads 0   # on a GPU
+    python benchmarks/moe_vs_dense.py --budget ref --seeds 0,1                     # hours on 2 CPU cores
 
-Target (issue): the MoE reaches the dense model's final validation loss in <= 0.6x the steps.
+Targets (issue 13): the MoE reaches the dense model's final validation loss in <= 0.6x the steps; at the
+reference budget it also realises >= 50% of the loss gain of the dense model with its total parameters.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from moekit.models.presets import preset  # noqa: E402
 from moekit.train import TrainConfig, train  # noqa: E402
 from moekit.train.device import resolve_device  # noqa: E402
 from moekit.train.run import val_windows  # noqa: E402
+from moekit.utils.io import atomic_write_text  # noqa: E402
+
+REF_MODELS = ("ref-dense", "ref-dense-4x", "ref-moe")  # equal active FLOPs, equal total parameters, the MoE
 
 
 def steps_to_reach(history: list[dict], target: float) -> float | None:
@@ -54,14 +65,29 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (TrainConfig.device)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward compute dtype")
     ap.add_argument("--bf16-on-cpu", action="store_true", help="allow --dtype bfloat16 on CPU (much slower)")
-    ap.add_argument("--out", default="benchmarks/results/moe_vs_dense.json")
+    ap.add_argument("--budget", default="tiny", choices=["tiny", "ref", "smoke"],
+                    help="tiny: tiny presets here; ref / smoke: moekit.ref's reference models at that budget")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (--budget ref / smoke)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/moe_vs_dense.json, _ref.json at --budget ref)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = "benchmarks/results/moe_vs_dense" + ("" if args.budget == "tiny" else f"_{args.budget}") + ".json"
     try:  # a device this machine lacks is one line, before any data is built
         where = resolve_device(args.device, args.dtype, bf16_on_cpu=args.bf16_on_cpu)
     except ValueError as exc:
         ap.exit(1, f"error: {exc}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.budget != "tiny":
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            ap.exit(1, f"error: --seeds expects comma-separated integers, got {args.seeds!r}\n")
+        if not seeds:
+            ap.exit(1, "error: --seeds names no seed\n")
+        compare_ref(args.budget, seeds, args.out, device=args.device, dtype=args.dtype, where=str(where))
+        return
     data_cfg = DataConfig(vocab_size=4096, seed=args.seed)
     data = prepare_data(data_cfg, progress=False)
     windows = val_windows(data, args.seq_len, 32)
@@ -122,6 +148,64 @@ def main() -> None:
         md.append(f"| {d['step']} | {d['loss']:.4f} | {m['loss']:.4f} |")
     md += ["", f"MoE steps to reach the dense model's final loss: {reach} of {args.steps} (ratio {ratio})."]
     Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
+def _ratio(a: float | None, b: float) -> float | None:
+    return None if a is None else a / b
+
+
+def compare_seed(rows: dict[str, dict], steps: int) -> dict:
+    """The comparison for one seed from moekit.ref's result rows (model -> row): the MoE's steps to the
+    active-matched dense model's final loss (and their ratio to the run's steps), and the fraction of the
+    total-params-matched dense model's loss gain over that dense model that the MoE realises."""
+    dense, dense4, moe = (rows[n]["history"][-1]["loss"] for n in REF_MODELS)
+    reach = steps_to_reach(rows["ref-moe"]["history"], dense)
+    gain = dense - dense4
+    return {
+        "dense_final_loss": dense, "dense_4x_final_loss": dense4, "moe_final_loss": moe,
+        "moe_steps_to_dense_final": reach, "ratio": _ratio(reach, steps), "target_ratio": 0.6,
+        "gain_fraction": (dense - moe) / gain if gain > 0 else None, "target_gain_fraction": 0.5,
+    }
+
+
+def compare_ref(budget: str, seeds: list[int], out: str, *, device: str, dtype: str, where: str) -> dict:
+    """Build (or reuse) ref-dense, ref-dense-4x and ref-moe for every seed with moekit.ref.build, compare them
+    per seed, and write `out` (JSON) and its .md. Returns the JSON payload."""
+    from moekit.ref import BUDGETS, build
+
+    steps = BUDGETS[budget].steps
+    per_seed, runs = {}, {}
+    for seed in seeds:
+        rows = {r["model"]: r for r in build(REF_MODELS, budget, seed, device=device, dtype=dtype)}
+        per_seed[str(seed)] = compare_seed(rows, steps)
+        runs[str(seed)] = rows
+        s = per_seed[str(seed)]
+        print(f"seed {seed}: MoE reaches the dense final loss {s['dense_final_loss']:.4f} at step "
+              f"{s['moe_steps_to_dense_final']} (ratio {s['ratio']}, target <= 0.6); gain fraction "
+              f"{s['gain_fraction']} of dense-4x's (target >= 0.5)")
+    env = environment()
+    payload = {"benchmark": "moe_vs_dense", "budget": budget, "seeds": seeds, "env": env, "summary": per_seed,
+               "runs": runs}
+    write_json(out, payload)
+
+    def fmt(x: float | None, spec: str = ".3f") -> str:
+        return "never" if x is None else format(x, spec)
+
+    md = [
+        f"Command: `{env['command']}`  ",
+        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch {env['torch']}; trained on {where} in {dtype}; "
+        f"{env['date']}. Reference budget `{budget}` ({steps} steps); models from moekit.ref.",
+        "",
+        "| seed | ref-dense | ref-dense-4x | ref-moe | MoE steps to dense final | ratio (<= 0.6) "
+        "| gain fraction (>= 0.5) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for seed, s in per_seed.items():
+        md.append(f"| {seed} | {s['dense_final_loss']:.4f} | {s['dense_4x_final_loss']:.4f} "
+                  f"| {s['moe_final_loss']:.4f} | {fmt(s['moe_steps_to_dense_final'], '.0f')} | {fmt(s['ratio'])} "
+                  f"| {'n/a (dense-4x no better)' if s['gain_fraction'] is None else fmt(s['gain_fraction'])} |")
+    atomic_write_text(Path(out).with_suffix(".md"), "\n".join(md) + "\n")
+    return payload
 
 
 if __name__ == "__main__":

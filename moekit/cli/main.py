@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, route, train, tune
+from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, ref, route, train, tune
 from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
+app.add_typer(ref.app, name="ref")
 plain_help(app)
 
 

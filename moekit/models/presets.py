@@ -6,6 +6,7 @@ from __future__ import annotations
 from moekit.models.config import LMConfig
 
 _BASE = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128)
+_REF_BODY = dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
 
 PRESETS: dict[str, dict] = {
     # seconds on a CPU: for tests and smoke runs
@@ -24,6 +25,20 @@ PRESETS: dict[str, dict] = {
     # minutes on 2 CPU cores: the quickstart pair
     "tiny-dense": dict(**_BASE, ffn_hidden=512),
     "tiny-moe": dict(**_BASE, num_experts=8, expert_hidden=256, router="topk", router_args={"k": 2}),
+    # the reference models (`moekit ref build`, moekit.ref): vocab_size comes from the data. The MoEs' routed
+    # weights sum to k (routed_scale=k), so MoE and dense start at the same FFN output scale; the balance
+    # coefficient is per layer, comparable to transformers' Mixtral/Qwen3 default (0.001).
+    "ref-dense": dict(**_REF_BODY, ffn_hidden=1024),  # the MoEs' active FFN width
+    "ref-dense-4x": dict(**_REF_BODY, ffn_hidden=4096),  # ref-moe's total FFN parameters
+    "ref-moe": dict(
+        **_REF_BODY, num_experts=8, expert_hidden=512, router="topk",
+        router_args={"k": 2, "routed_scale": 2.0, "load_balance": 0.001},
+    ),
+    # fine-grained with shared experts: active FFN width 6 x 128 routed + 2 x 128 shared = 1024
+    "ref-moe-fg": dict(
+        **_REF_BODY, num_experts=32, expert_hidden=128, num_shared_experts=2, router="topk",
+        router_args={"k": 6, "routed_scale": 6.0, "load_balance": 0.001},
+    ),
 }
 
 

@@ -1,0 +1,205 @@
+"""Reference models at the smoke budget: build, reuse, resume after an interruption, refuse another config,
+load, export, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moekit.ref.builder as ref_build
+from moekit.cli.main import app
+from moekit.models import MoELM
+from moekit.models.presets import preset
+from moekit.ref import BUDGETS, build, built, export_hf, load, load_tokenizer, model_config, run_dir
+from moekit.ref.load import fold_routed_scale
+from moekit.train.checkpoint import CKPT, load_model, read_meta
+
+NAMES = ["ref-dense", "ref-moe"]
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache holding ref-dense and ref-moe built at the smoke budget (seed 0)."""
+    root = tmp_path_factory.mktemp("refcache")
+    rows = build(NAMES, "smoke", 0, cache_dir=root, out=root / "published", **QUIET)
+    return root, rows
+
+
+def test_presets_match_active_ffn_width_and_total_params():
+    d, d4, moe, fg = (preset(n) for n in ("ref-dense", "ref-dense-4x", "ref-moe", "ref-moe-fg"))
+    k = moe.router_args["k"]
+    assert k * moe.expert_hidden == d.ffn_hidden  # equal active FFN width
+    assert moe.num_experts * moe.expert_hidden == d4.ffn_hidden  # equal total FFN width
+    assert fg.router_args["k"] * fg.expert_hidden + fg.num_shared_experts * fg.expert_hidden == d.ffn_hidden
+    for cfg in (moe, fg):  # routed weights sum to k: the same output scale as the dense FFN at init
+        assert cfg.router_args["routed_scale"] == cfg.router_args["k"]
+        MoELM(dataclasses.replace(cfg, vocab_size=64, n_layers=1))  # the topk router accepts these arguments
+
+
+def test_build_writes_results(cache):
+    root, rows = cache
+    b = BUDGETS["smoke"]
+    assert [r["model"] for r in rows] == NAMES
+    for r in rows:
+        assert r["steps"] == b.steps and r["tokens"] == b.steps * b.batch_size * b.seq_len
+        assert set(r["val_loss_per_domain"]) == {"bible", "code", "wiki"}
+        assert [h["step"] for h in r["history"]] == list(range(b.eval_every, b.steps + 1, b.eval_every))
+    dense, moe = rows
+    assert moe["params_total"] > 2 * dense["params_total"] > 2 * moe["params_active"] * 0.9
+    saved = json.loads((root / "ref" / "smoke" / "results.json").read_text())
+    assert [(r["model"], r["seed"]) for r in saved["rows"]] == [("ref-dense", 0), ("ref-moe", 0)]
+    assert saved["rows"][1]["val_loss"] == pytest.approx(moe["val_loss"])
+    md = (root / "ref" / "smoke" / "results.md").read_text()
+    assert "| ref-moe |" in md and "| ref-dense |" in md
+    assert (root / "published" / "results.md").read_text() == md
+
+
+def test_second_build_reuses(cache):
+    root, rows = cache
+    ckpt = run_dir("ref-moe", "smoke", 0, root) / CKPT / "model.safetensors"
+    mtime = ckpt.stat().st_mtime_ns
+    lines = []
+    again = build(["ref-moe"], "smoke", 0, cache_dir=root, progress=False, log=lines.append)
+    assert ckpt.stat().st_mtime_ns == mtime
+    assert len(lines) == 1 and "reused" in lines[0]
+    assert again[0]["val_loss"] == rows[1]["val_loss"]
+    saved = json.loads((root / "ref" / "smoke" / "results.json").read_text())  # the other model's row stays
+    assert {r["model"] for r in saved["rows"]} == set(NAMES)
+
+
+def test_interrupted_build_resumes_to_the_uninterrupted_result(cache, tmp_path, monkeypatch):
+    root, rows = cache
+    copy = shutil.copytree(root, tmp_path / "cache")
+    shutil.rmtree(run_dir("ref-moe", "smoke", 0, copy))
+    real_train = ref_build.train
+
+    def interrupt_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ref_build, "train", lambda *a, **k: real_train(*a, **k, on_step=interrupt_at_4))
+    with pytest.raises(KeyboardInterrupt):
+        build(["ref-moe"], "smoke", 0, cache_dir=copy, **QUIET)
+    assert [(r["model"], r["status"], r["step"]) for r in built(copy) if r["model"] == "ref-moe"] == [
+        ("ref-moe", "partial", 4)
+    ]
+    with pytest.raises(FileNotFoundError, match="only trained to step 4 of 6"):
+        load("ref-moe", "smoke", 0, copy)
+    monkeypatch.setattr(ref_build, "train", real_train)
+    lines = []
+    resumed = build(["ref-moe"], "smoke", 0, cache_dir=copy, progress=False, log=lines.append)
+    assert "resuming from step 4" in lines[0]
+    assert resumed[0]["val_loss"] == rows[1]["val_loss"]  # resuming is exact
+    a, b = load("ref-moe", "smoke", 0, copy), load("ref-moe", "smoke", 0, root)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+
+
+def test_a_folder_holding_another_config_is_refused(cache, tmp_path, monkeypatch):
+    root, _ = cache
+    copy = shutil.copytree(root, tmp_path / "cache")
+    monkeypatch.setitem(BUDGETS, "smoke", dataclasses.replace(BUDGETS["smoke"], lr=1e-3))
+    with pytest.raises(FileExistsError, match="another model, training or data config"):
+        build(["ref-dense"], "smoke", 0, cache_dir=copy, **QUIET)
+    assert read_meta(run_dir("ref-dense", "smoke", 0, copy))["train"]["lr"] == 3e-3  # left as it was
+
+
+def test_load_gives_the_checkpoints_model_in_eval_mode(cache):
+    root, rows = cache
+    model = load("ref-moe", "smoke", 0, root)
+    assert not model.training
+    ref = load_model(run_dir("ref-moe", "smoke", 0, root)).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=0)
+    assert model.config == model_config("ref-moe", "smoke", load_tokenizer("ref-moe", "smoke", 0, root).vocab_size)
+
+
+def test_missing_model_names_the_build_command(cache):
+    root, _ = cache
+    with pytest.raises(FileNotFoundError, match=r"moekit ref build --budget smoke --models ref-moe-fg --seed 0`"):
+        load("ref-moe-fg", "smoke", 0, root)
+    with pytest.raises(ValueError, match="unknown reference model 'nope'"):
+        load("nope", "smoke", 0, root)
+    with pytest.raises(ValueError, match="unknown reference budget 'huge'"):
+        load("ref-moe", "huge", 0, root)
+
+
+def test_fold_routed_scale_keeps_logits_and_export_to_mixtral(cache, tmp_path):
+    root, _ = cache
+    model = load("ref-moe", "smoke", 0, root)
+    folded = fold_routed_scale(model)
+    assert "routed_scale" not in folded.config.router_args and model.config.router_args["routed_scale"] == 2.0
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(folded(x).logits, model(x).logits)
+    pytest.importorskip("transformers")
+    out = export_hf("ref-moe", tmp_path / "hf", "smoke", 0, root)  # the export checks HF logits itself
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    assert (out / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="dense model"):
+        export_hf("ref-dense", tmp_path / "hf2", "smoke", 0, root)
+
+
+def test_cli_build_list_and_errors(cache, tmp_path, monkeypatch):
+    root, _ = cache
+    copy = shutil.copytree(root, tmp_path / "cache")
+    monkeypatch.setenv("MOEKIT_CACHE", str(copy))
+    runner = CliRunner()
+    r = runner.invoke(app, ["ref", "build", "--budget", "smoke", "--models", "ref-dense", "--out", str(tmp_path / "o"),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "reused" in r.output and (tmp_path / "o" / "results.json").is_file()
+    r = runner.invoke(app, ["ref", "list"])
+    assert r.exit_code == 0 and "ref-moe" in r.output and "done" in r.output
+    r = runner.invoke(app, ["ref", "build", "--budget", "smoke", "--models", "ref-moe,bogus"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "error: unknown reference model 'bogus'; known: ref-dense, ref-dense-4x, ref-moe, ref-moe-fg"
+    ]
+    r = runner.invoke(app, ["ref", "export", "ref-moe-fg", "--to", str(tmp_path / "x"), "--budget", "smoke"])
+    assert r.exit_code == 1 and r.output.startswith("error: reference model ref-moe-fg")
+    assert "moekit ref build" in r.output
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_dense.py"
+    spec = importlib.util.spec_from_file_location("moe_vs_dense_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_moe_vs_dense_compare_seed_by_hand():
+    bench = _benchmark()
+    hist = lambda *losses: [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]  # noqa: E731
+    rows = {"ref-dense": {"history": hist(5.0, 4.0)}, "ref-dense-4x": {"history": hist(4.8, 3.6)},
+            "ref-moe": {"history": hist(4.5, 3.7)}}
+    s = bench.compare_seed(rows, 20)
+    assert s["moe_steps_to_dense_final"] == pytest.approx(10 + 10 * 0.5 / 0.8)  # 4.5 -> 3.7 crosses 4.0 at 5/8
+    assert s["ratio"] == pytest.approx(16.25 / 20)
+    assert s["gain_fraction"] == pytest.approx(0.3 / 0.4)
+    rows["ref-dense-4x"] = {"history": hist(5.0, 4.1)}  # no gain to realise: not a fraction
+    assert bench.compare_seed(rows, 20)["gain_fraction"] is None
+
+
+def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypatch):
+    root, rows = cache
+    copy = shutil.copytree(root, tmp_path / "cache")
+    monkeypatch.setenv("MOEKIT_CACHE", str(copy))
+    mtime = (run_dir("ref-moe", "smoke", 0, copy) / CKPT / "model.safetensors").stat().st_mtime_ns
+    payload = _benchmark().compare_ref("smoke", [0], str(tmp_path / "mvd.json"), device="cpu", dtype="float32",
+                                       where="cpu")
+    assert (run_dir("ref-moe", "smoke", 0, copy) / CKPT / "model.safetensors").stat().st_mtime_ns == mtime
+    s = payload["summary"]["0"]
+    assert s["moe_final_loss"] == rows[1]["history"][-1]["loss"]
+    assert s["dense_final_loss"] == rows[0]["history"][-1]["loss"]
+    saved = json.loads((tmp_path / "mvd.json").read_text())
+    assert saved["budget"] == "smoke" and saved["seeds"] == [0]
+    assert "| 0 |" in (tmp_path / "mvd.md").read_text()
