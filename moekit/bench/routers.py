@@ -34,8 +34,8 @@ from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 from moekit.train.config import TrainConfig
 from moekit.train.device import resolve_device
 from moekit.train.report import read_jsonl
+from moekit.train.reuse import train_or_reuse
 from moekit.train.run import val_windows
-from moekit.train.trainer import train
 
 
 @dataclass
@@ -45,18 +45,6 @@ class LeaderboardResult:
     out: Path
     rows: list[dict[str, Any]]  # one per router, the leaderboard.json rows
     files: list[Path]  # leaderboard.md, leaderboard.json, the plots
-
-
-PLACEMENT = ("device", "bf16_on_cpu")  # TrainConfig fields that say where a run trains, not what it computes
-
-
-def same_run(old_train: dict[str, Any], train_cfg: TrainConfig) -> bool:
-    """Whether a run saved with the train config `old_train` (its meta's, fields added since at their defaults)
-    is the run `train_cfg` asks for. The device is left out: the same float32 math on a CPU or a GPU is the same
-    run up to rounding, so a finished CPU run serves a --device cuda request and vice versa. The dtype counts:
-    a bfloat16 run is another measurement than a float32 one."""
-    old = TrainConfig.from_dict(old_train)
-    return dataclasses.replace(old, **{f: getattr(train_cfg, f) for f in PLACEMENT}) == train_cfg
 
 
 def run_leaderboard(
@@ -143,23 +131,12 @@ def _train_and_measure(name: str, entry, cfg: LMConfig, train_cfg: TrainConfig, 
     A run folder holding another model, training config or data seed is refused (FileExistsError)."""
     meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": budget,
             "trained_on": where}
-    started = has_checkpoint(run_dir)
-    old = read_meta(run_dir) if started else {}
-    same = started and (LMConfig.from_dict(old["model"]) == cfg  # fields added since fill in their defaults
-                        and same_run(old["train"], train_cfg)
-                        and old.get("data", {}).get("seed", data_cfg.seed) == data_cfg.seed)
-    if started and not same:
-        raise FileExistsError(
-            f"{run_dir} holds a run of another model or training config (budget, seed, data seed, dtype); remove it "
-            "or choose another --out"
-        )
-    done = started and old.get("step") == b.steps
     t0 = time.perf_counter()
-    if not done:  # a fresh run, or an interrupted one resumed
-        log(f"training {b.steps} steps" + (" (resuming)" if started else ""))
-        res = train(cfg, train_cfg, data.train, windows, run_dir, resume=started, meta=meta, progress=progress)
-        if res.interrupted:  # Ctrl-C/SIGTERM: stop here (the run resumes next time), don't rank a half run
-            raise KeyboardInterrupt
+    trained = train_or_reuse(  # a fresh run, or an interrupted one resumed; Ctrl-C raises (no half run ranked)
+        cfg, train_cfg, data.train, windows, run_dir, meta=meta, progress=progress, label=name,
+        log=lambda _: log(f"training {b.steps} steps" + (" (resuming)" if has_checkpoint(run_dir) else "")),
+        data={"seed": data_cfg.seed},
+    )
     seconds = time.perf_counter() - t0
     model = load_model(run_dir)
     m = measure(model, windows, b.batch_size)
@@ -168,7 +145,7 @@ def _train_and_measure(name: str, entry, cfg: LMConfig, train_cfg: TrainConfig, 
         "router_args": cfg.router_args if entry.router else None,
         "note": entry.note, "val_loss": m.loss, "val_loss_per_domain": m.loss_per_domain,
         "tokens_per_s": tokens_per_s(run_dir), "trained_on": read_meta(run_dir).get("trained_on", "cpu"),
-        "dtype": train_cfg.dtype, "train_seconds": seconds if not done else None,
+        "dtype": train_cfg.dtype, "train_seconds": seconds if trained else None,
         "active_experts": m.active_experts, "load_max_over_mean": m.load_max_over_mean, "load_cv": m.load_cv,
         "dropped_frac": m.dropped_frac, "expert_domain_mi_bits": m.expert_domain_mi,
         "depth_processed": {str(j): f for j, f in m.depth_fractions.items()} or None,

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from moekit.data import DataConfig
+from moekit.data import DataConfig, reference_data_config
 from moekit.models import LMConfig
 from moekit.models.presets import preset
 from moekit.train.config import TrainConfig
@@ -37,6 +37,8 @@ class RefBudget:
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields (see `ref_data_config`)
     # preset name -> LMConfig fields replacing the preset's; "all" applies to every model first
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # preset name -> TrainConfig fields replacing the budget's (each model's own tuned learning rate)
+    train_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     note: str = ""  # what it costs, shown by `moekit ref list`
 
     def __post_init__(self) -> None:
@@ -48,15 +50,18 @@ class RefBudget:
             raise ValueError(f"RefBudget.warmup must be an integer in [0, steps={self.steps}), got {self.warmup!r}")
         if not self.lr > 0:
             raise ValueError(f"RefBudget.lr must be > 0, got {self.lr!r}")
-        unknown = set(self.model_overrides) - {"all", *ALL_MODELS}
+        unknown = (set(self.model_overrides) | set(self.train_overrides)) - {"all", *ALL_MODELS}
         if unknown:
-            raise ValueError(f"RefBudget.model_overrides: unknown models {sorted(unknown)}; known: all, "
-                             + ", ".join(ALL_MODELS))
+            raise ValueError(f"RefBudget.model_overrides/train_overrides: unknown models {sorted(unknown)}; "
+                             "known: all, " + ", ".join(ALL_MODELS))
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
+
+# the sweep's best learning rate per reference model (benchmarks/results/tune/); the budget's lr elsewhere
+REF_TUNED: dict[str, dict[str, Any]] = {}
 
 _MICRO = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
 
@@ -74,10 +79,13 @@ BUDGETS: dict[str, RefBudget] = {
         },
         note="seconds: micro models, for tests",
     ),
-    # 2500 x 16 x 256 = 10.2M training tokens per model
+    # 2000 x 16 x 256 = 8.2M training tokens per model, one pass over a third of the reference corpus (22.8M
+    # training tokens: nothing is seen twice). Learning rates and scales from the sweep in
+    # benchmarks/results/tune/ (each model at its own best).
     "ref": RefBudget(
-        name="ref", steps=2500, batch_size=16, seq_len=256, lr=3e-3, warmup=125, eval_every=250, eval_windows=32,
-        ckpt_every=250, data={"vocab_size": 2048}, note="hours on 2 CPU cores per model; minutes on a GPU",
+        name="ref", steps=2000, batch_size=16, seq_len=256, lr=3e-3, warmup=100, eval_every=200, eval_windows=32,
+        ckpt_every=200, data={"reference": True}, train_overrides=REF_TUNED,
+        note="about 40-60 min per model on 2 CPU cores (one thread each, two at a time); minutes on a GPU",
     ),
 }
 
@@ -101,7 +109,10 @@ def ref_data_config(budget: str | RefBudget, seed: int = 0) -> DataConfig:
     the same for every model seed (DATA_SEED), so seeds differ only in init and batch order and share one
     tokenizer and validation set; `seed` is accepted so that a per-seed corpus could be chosen here alone."""
     del seed
-    return DataConfig(**{"seed": DATA_SEED, **get_budget(budget).data})
+    fields = dict(get_budget(budget).data)
+    if fields.pop("reference", False):  # the large built-in corpus (moekit.data.reference_data_config)
+        return dataclasses.replace(reference_data_config(seed=DATA_SEED), **fields)
+    return DataConfig(**{"seed": DATA_SEED, **fields})
 
 
 def model_config(name: str, budget: str | RefBudget, vocab_size: int) -> LMConfig:
@@ -112,14 +123,17 @@ def model_config(name: str, budget: str | RefBudget, vocab_size: int) -> LMConfi
     return preset(name, **fields, vocab_size=vocab_size)
 
 
-def train_config(budget: str | RefBudget, seed: int, *, device: str = "cpu", dtype: str = "float32") -> TrainConfig:
-    """The training settings of every model under `budget`."""
+def train_config(
+    budget: str | RefBudget, seed: int, *, device: str = "cpu", dtype: str = "float32", model: str | None = None
+) -> TrainConfig:
+    """The training settings of `model` (every model when None: the budget's own) under `budget`."""
     b = get_budget(budget)
-    return TrainConfig(
+    cfg = TrainConfig(
         steps=b.steps, batch_size=b.batch_size, seq_len=b.seq_len, lr=b.lr, warmup_steps=b.warmup,
         eval_every=b.eval_every, eval_windows=b.eval_windows, ckpt_every=b.ckpt_every, log_every=1, seed=seed,
         device=device, dtype=dtype,
     )
+    return dataclasses.replace(cfg, **b.train_overrides.get(model, {})) if model else cfg
 
 
 def budget_dict(budget: str | RefBudget) -> dict[str, Any]:

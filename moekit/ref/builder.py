@@ -17,16 +17,15 @@ from typing import Any
 import torch
 
 from moekit.bench.measure import tokens_per_s
-from moekit.bench.routers import same_run
 from moekit.data import cache_root, prepare_data
 from moekit.models import LMConfig, count_params
 from moekit.ref.budgets import MODELS, budget_dict, check_model, get_budget, model_config, ref_data_config, train_config
-from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
+from moekit.train.checkpoint import load_model, read_meta
 from moekit.train.device import resolve_device
 from moekit.train.evaluate import evaluate
 from moekit.train.report import read_jsonl
+from moekit.train.reuse import run_state, train_or_reuse
 from moekit.train.run import val_windows
-from moekit.train.trainer import train
 from moekit.utils.io import atomic_copy, atomic_write_text
 
 WALL_FILE = "ref_wall.json"  # seconds spent training the run, summed over every (resumed) invocation
@@ -52,19 +51,6 @@ def _wall_seconds(folder: Path) -> float:
     return float(json.loads(f.read_text())["seconds"]) if f.is_file() else 0.0
 
 
-def _check_same(folder: Path, cfg: LMConfig, train_cfg, data_cfg) -> dict[str, Any]:
-    """The meta of the run in `folder`; FileExistsError when it holds another model, training or data config."""
-    old = read_meta(folder)
-    same = (LMConfig.from_dict(old["model"]) == cfg and same_run(old["train"], train_cfg)
-            and old.get("data") == dataclasses.asdict(data_cfg))
-    if not same:
-        raise FileExistsError(
-            f"{folder} holds a run of another model, training or data config than this moekit's reference "
-            "preset; remove the folder (or set another MOEKIT_CACHE) to rebuild it"
-        )
-    return old
-
-
 def build(
     names: list[str] | tuple[str, ...] = MODELS,
     budget: str = "ref",
@@ -87,34 +73,31 @@ def build(
         check_model(n)
     if not names:
         raise ValueError("no reference models to build: name at least one")
-    train_cfg = train_config(b, seed, device=device, dtype=dtype)
     where = resolve_device(device, dtype)  # refused before anything is written
     data_cfg = ref_data_config(b, seed)
     data = prepare_data(data_cfg, cache_dir=cache_dir, progress=progress)
     windows = val_windows(data, b.seq_len, b.eval_windows)
     rows = []
+    same_data = dataclasses.asdict(data_cfg)  # a reference run is another one when any data setting differs
+
     for i, name in enumerate(names):
         cfg = model_config(name, b, data.vocab_size)
+        train_cfg = train_config(b, seed, device=device, dtype=dtype, model=name)
         folder = run_dir(name, b.name, seed, cache_dir)
-        started = has_checkpoint(folder)
-        old = _check_same(folder, cfg, train_cfg, data_cfg) if started else {}
-        if old.get("step") != b.steps:
-            log(f"[{i + 1}/{len(names)}] {name} (seed {seed}): training {b.steps} steps"
-                + (f" (resuming from step {old.get('step')})" if started else "") + f" in {folder}")
+        if run_state(folder, cfg, train_cfg, data=same_data) == "done":
+            log(f"[{i + 1}/{len(names)}] {name} (seed {seed}): built, reused from {folder}")
+        else:
             meta = {"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names), "budget": b.name,
                     "reference": name, "trained_on": str(where)}
             t0 = time.perf_counter()
-            try:
-                res = train(cfg, train_cfg, data.train, windows, folder, resume=started, meta=meta,
-                            files={"tokenizer.json": data.directory / "tokenizer.json"}, progress=progress)
+            try:  # Ctrl-C / SIGTERM raises KeyboardInterrupt after a checkpoint: the same build resumes it
+                train_or_reuse(cfg, train_cfg, data.train, windows, folder, meta=meta, progress=progress,
+                               files={"tokenizer.json": data.directory / "tokenizer.json"}, data=same_data,
+                               log=log, label=f"[{i + 1}/{len(names)}] {name} (seed {seed}) in {folder}")
             finally:
                 seconds = _wall_seconds(folder) + time.perf_counter() - t0
                 if folder.is_dir():
                     atomic_write_text(folder / WALL_FILE, json.dumps({"seconds": seconds}) + "\n")
-            if res.interrupted:  # Ctrl-C / SIGTERM: checkpointed; the same build resumes it
-                raise KeyboardInterrupt
-        else:
-            log(f"[{i + 1}/{len(names)}] {name} (seed {seed}): built, reused from {folder}")
         rows.append(_measure(name, folder, cfg, b, windows))
     _write_results(b.name, seed, rows, budget_dir(b.name, cache_dir), out, names, str(where))
     return rows

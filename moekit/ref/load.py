@@ -14,7 +14,7 @@ from moekit.ref.builder import build_command, run_dir
 from moekit.train.checkpoint import has_checkpoint, load_model, read_meta
 
 # transformers family each reference MoE exports to by default (moekit.hf.export says what it cannot express)
-HF_FAMILY = {"ref-moe": "mixtral", "ref-moe-fg": "qwen3_moe"}
+HF_FAMILY = {"ref-moe": "mixtral", "ref-moe-fg": "qwen3_moe"}  # ref-moe-fg: refused (shared experts), see docs
 
 
 def built_dir(name: str = "ref-moe", budget: str = "ref", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
@@ -61,25 +61,9 @@ def export_hf(name: str, out_dir: str | Path, budget: str = "ref", seed: int = 0
             raise ValueError(f"{name} is a dense model: transformers MoE families need experts; "
                              f"reference MoEs: {', '.join(HF_FAMILY)}")
         family = HF_FAMILY[name]
-    model = fold_routed_scale(load_model(folder))
-    return export_lm(model, family, out_dir, check=check, tokenizer=folder / "tokenizer.json", overwrite=overwrite)
-
-
-def fold_routed_scale(model: MoELM) -> MoELM:
-    """An equal model whose router has no `routed_scale`: the factor moves into every routed expert's
-    `down_proj [E, D, F]` (the experts' output is linear in it; shared experts are not scaled by the router), so
-    families without a routed scaling setting (Mixtral) can express it. `model` itself is left as it is."""
-    import dataclasses
-
-    cfg = model.config
-    scale = float(cfg.router_args.get("routed_scale", 1.0)) if cfg.num_experts else 1.0
-    if scale == 1.0:
-        return model
-    args = {k: v for k, v in cfg.router_args.items() if k != "routed_scale"}
-    folded = MoELM(dataclasses.replace(cfg, router_args=args))
-    state = {k: v * scale if k.endswith(".mlp.experts.down_proj") else v for k, v in model.state_dict().items()}
-    folded.load_state_dict(state)
-    return folded.train(model.training)
+    # routed_scale has no Mixtral field: the export multiplies it into the experts' down projections
+    return export_lm(load_model(folder), family, out_dir, check=check, tokenizer=folder / "tokenizer.json",
+                     overwrite=overwrite)
 
 
 def built(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from torch import Tensor
 from moekit.models import LMConfig
 from moekit.train.checkpoint import has_checkpoint, read_meta
 from moekit.train.config import TrainConfig
-from moekit.train.trainer import TrainSource, train
+from moekit.train.trainer import TrainSource, _diff, train
 
 PLACEMENT = ("device", "bf16_on_cpu")  # TrainConfig fields that say where a run trains, not what it computes
 
@@ -33,16 +33,29 @@ def same_run(old_train: dict[str, Any], train_cfg: TrainConfig) -> bool:
     return dataclasses.replace(old, **{f: getattr(train_cfg, f) for f in PLACEMENT}) == train_cfg
 
 
-def run_state(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig) -> str:
+def run_state(
+    run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, data: dict[str, Any] | None = None
+) -> str:
     """"new" (no checkpoint), "partial" (an interrupted run of this config), "done" (finished: its step is
-    train_cfg.steps). Raises FileExistsError when the folder holds a run of another model or train config."""
+    train_cfg.steps). Raises FileExistsError, naming what differs, when the folder holds a run of another model
+    or train config, or of another data config where it names a key of `data` (DataConfig fields that must match;
+    a key the saved run lacks, from before the field existed, matches)."""
     if not has_checkpoint(run_dir):
         return "new"
     old = read_meta(run_dir)
     # fields added to the configs since the run was saved fill in their defaults
-    if LMConfig.from_dict(old["model"]) != model_cfg or not same_run(old["train"], train_cfg):
+    saved_model, saved_train = LMConfig.from_dict(old["model"]), TrainConfig.from_dict(old["train"])
+    differs = [f"model {d}" for d in _diff(saved_model.to_dict(), model_cfg.to_dict())]
+    if not same_run(old["train"], train_cfg):
+        differs += [f"train {d}" for d in _diff(saved_train.to_dict(), train_cfg.to_dict()) if d.split(":")[0]
+                    not in PLACEMENT]
+    saved_data = old.get("data", {})
+    differs += [f"data {k}: checkpoint {saved_data[k]!r} vs requested {v!r}" for k, v in (data or {}).items()
+                if k in saved_data and saved_data[k] != v]
+    if differs:
         raise FileExistsError(
-            f"{run_dir} holds a run of another model or training config; remove it or choose another output folder"
+            f"{run_dir} holds a run of another model, training or data config ({'; '.join(differs)}); remove it or "
+            "choose another output folder"
         )
     return "done" if old.get("step") == train_cfg.steps else "partial"
 
@@ -59,6 +72,7 @@ def train_or_reuse(
     progress: bool = True,
     log: Callable[[str], None] = print,
     label: str = "",
+    data: dict[str, Any] | None = None,
 ) -> bool:
     """Train `run_dir` to `train_cfg.steps`, resuming an interrupted run and reusing a finished one.
 
@@ -66,10 +80,11 @@ def train_or_reuse(
     Raises KeyboardInterrupt when Ctrl-C/SIGTERM stopped the training (the checkpoint is written: the same call
     resumes it), so a caller never ranks half a run; FileExistsError for a folder holding another run."""
     run_dir = Path(run_dir)
-    state = run_state(run_dir, model_cfg, train_cfg)
+    state = run_state(run_dir, model_cfg, train_cfg, data=data)
     if state == "done":
         return False
-    log(f"{label or run_dir}: training {train_cfg.steps} steps" + (" (resuming)" if state == "partial" else ""))
+    resuming = f" (resuming from step {read_meta(run_dir).get('step')})" if state == "partial" else ""
+    log(f"{label or run_dir}: training {train_cfg.steps} steps{resuming}")
     res = train(
         model_cfg, train_cfg, train_data, val_windows, run_dir, resume=state == "partial", meta=meta, files=files,
         progress=progress,

@@ -108,7 +108,7 @@ def test_cli_reuses_finished_runs_and_rejects_unknown_entries(smoke):
     assert {r["router"]: r["val_loss"] for r in again["rows"]} == {k: first[k] for k in ("topk", "chain")}
     other_seed = runner.invoke(app, ["bench", "routers", "--routers", "topk", "--seed", "1", "--out",
                                      str(root / "out"), "--no-progress"], env={"MOEKIT_CACHE": str(root / "cache")})
-    assert other_seed.exit_code == 1 and "another model or training config" in other_seed.output
+    assert other_seed.exit_code == 1 and "another model, training or data config" in other_seed.output
     bad = runner.invoke(app, ["bench", "routers", "--routers", "nope", "--out", str(root / "x")])
     assert bad.exit_code == 1 and "known:" in bad.output
     listed = runner.invoke(app, ["bench", "routers", "--list"])
@@ -146,7 +146,7 @@ def test_an_interrupted_run_stops_the_leaderboard(smoke, monkeypatch):
     """Ctrl-C/SIGTERM ends a run early with a checkpoint; the leaderboard stops rather than rank the half run."""
     import types
 
-    import moekit.bench.routers as routers_mod
+    import moekit.train.reuse as reuse_mod
 
     root, _ = smoke
     calls = []
@@ -156,7 +156,7 @@ def test_an_interrupted_run_stops_the_leaderboard(smoke, monkeypatch):
         return types.SimpleNamespace(interrupted=True)
 
     monkeypatch.setenv("MOEKIT_CACHE", str(root / "cache"))
-    monkeypatch.setattr(routers_mod, "train", interrupted)
+    monkeypatch.setattr(reuse_mod, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_leaderboard("smoke", ["dense", "topk"], root / "other", progress=False, log=lambda *_: None)
     assert calls == [root / "other" / "runs" / "dense"] and not (root / "other" / "leaderboard.md").exists()
@@ -197,8 +197,8 @@ def test_device_and_dtype_flags(smoke, tmp_path):
 
 def test_reuse_ignores_the_device_but_not_the_dtype():
     """A finished run serves any device (same float32 math); a bfloat16 request does not reuse a float32 run."""
-    from moekit.bench.routers import same_run
     from moekit.train.config import TrainConfig
+    from moekit.train.reuse import same_run
 
     old = TrainConfig.short_run(10, seed=0).to_dict()
     del old["device"], old["dtype"], old["bf16_on_cpu"]  # a run saved before these fields existed
