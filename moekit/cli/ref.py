@@ -15,7 +15,7 @@ app = typer.Typer(help="Reference models: build (resumable), list, export.", no_
 
 @app.command(name="build")
 def build(
-    budget: Annotated[str, typer.Option(help="smoke (seconds, tests) | ref (the reference budget: hours on 2 cores)")]
+    budget: Annotated[str, typer.Option(help="smoke (seconds, tests) | ref (~40-60 min per model on 2 cores)")]
     = "ref",
     models: Annotated[
         str, typer.Option(help="comma-separated: ref-dense, ref-moe, ref-moe-fg, ref-dense-4x")
