@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--bf16-on-cpu", action="store_true", help="allow --dtype bfloat16 on CPU (much slower)")
     ap.add_argument("--budget", default="tiny", choices=["tiny", "ref", "smoke"],
                     help="tiny: tiny presets here; ref / smoke: moekit.ref's reference models at that budget")
+    ap.add_argument("--built-only", action="store_true",
+                    help="--budget ref/smoke: compare only the models `moekit ref build` finished (train nothing)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (--budget ref / smoke)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/moe_vs_dense.json, _ref.json at --budget ref)")
@@ -86,7 +88,8 @@ def main() -> None:
             ap.exit(1, f"error: --seeds expects comma-separated integers, got {args.seeds!r}\n")
         if not seeds:
             ap.exit(1, "error: --seeds names no seed\n")
-        compare_ref(args.budget, seeds, args.out, device=args.device, dtype=args.dtype, where=str(where))
+        compare_ref(args.budget, seeds, args.out, device=args.device, dtype=args.dtype, where=str(where),
+                    built_only=args.built_only)
         return
     data_cfg = DataConfig(vocab_size=4096, seed=args.seed)
     data = prepare_data(data_cfg, progress=False)
@@ -158,25 +161,34 @@ def compare_seed(rows: dict[str, dict], steps: int) -> dict:
     """The comparison for one seed from moekit.ref's result rows (model -> row): the MoE's steps to the
     active-matched dense model's final loss (and their ratio to the run's steps), and the fraction of the
     total-params-matched dense model's loss gain over that dense model that the MoE realises."""
-    dense, dense4, moe = (rows[n]["history"][-1]["loss"] for n in REF_MODELS)
+    dense, dense4, moe = (rows[n]["history"][-1]["loss"] if n in rows else None for n in REF_MODELS)
     reach = steps_to_reach(rows["ref-moe"]["history"], dense)
-    gain = dense - dense4
+    gain = None if dense4 is None else dense - dense4
     return {
         "dense_final_loss": dense, "dense_4x_final_loss": dense4, "moe_final_loss": moe,
         "moe_steps_to_dense_final": reach, "ratio": _ratio(reach, steps), "target_ratio": 0.6,
-        "gain_fraction": (dense - moe) / gain if gain > 0 else None, "target_gain_fraction": 0.5,
+        "gain_fraction": (dense - moe) / gain if gain else None, "target_gain_fraction": 0.5,
     }
 
 
-def compare_ref(budget: str, seeds: list[int], out: str, *, device: str, dtype: str, where: str) -> dict:
+def compare_ref(
+    budget: str, seeds: list[int], out: str, *, device: str, dtype: str, where: str, built_only: bool = False
+) -> dict:
     """Build (or reuse) ref-dense, ref-dense-4x and ref-moe for every seed with moekit.ref.build, compare them
     per seed, and write `out` (JSON) and its .md. Returns the JSON payload."""
-    from moekit.ref import BUDGETS, build
+    from moekit.ref import BUDGETS, build, built
 
     steps = BUDGETS[budget].steps
     per_seed, runs = {}, {}
     for seed in seeds:
-        rows = {r["model"]: r for r in build(REF_MODELS, budget, seed, device=device, dtype=dtype)}
+        names = list(REF_MODELS)
+        if built_only:  # what `moekit ref build` finished; ref-dense-4x may be missing (its gain fraction: n/a)
+            done = {(r["model"], r["seed"]) for r in built() if r["budget"] == budget and r["status"] == "done"}
+            names = [n for n in names if (n, seed) in done]
+            if not {"ref-dense", "ref-moe"} <= set(names):
+                raise SystemExit(f"error: --built-only: ref-dense and ref-moe of seed {seed} are not both built; "
+                                 f"run `moekit ref build --budget {budget} --models ref-dense,ref-moe --seed {seed}`")
+        rows = {r["model"]: r for r in build(names, budget, seed, device=device, dtype=dtype)}
         per_seed[str(seed)] = compare_seed(rows, steps)
         runs[str(seed)] = rows
         s = per_seed[str(seed)]
@@ -188,8 +200,13 @@ def compare_ref(budget: str, seeds: list[int], out: str, *, device: str, dtype: 
                "runs": runs}
     write_json(out, payload)
 
-    def fmt(x: float | None, spec: str = ".3f") -> str:
-        return "never" if x is None else format(x, spec)
+    def fmt(x: float | None, spec: str = ".3f", none: str = "never") -> str:
+        return none if x is None else format(x, spec)
+
+    def gain_cell(s: dict) -> str:
+        if s["dense_4x_final_loss"] is None:
+            return "n/a (ref-dense-4x not built)"
+        return "n/a (dense-4x no better)" if s["gain_fraction"] is None else fmt(s["gain_fraction"])
 
     md = [
         f"Command: `{env['command']}`  ",
@@ -201,9 +218,9 @@ def compare_ref(budget: str, seeds: list[int], out: str, *, device: str, dtype: 
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for seed, s in per_seed.items():
-        md.append(f"| {seed} | {s['dense_final_loss']:.4f} | {s['dense_4x_final_loss']:.4f} "
+        md.append(f"| {seed} | {s['dense_final_loss']:.4f} | {fmt(s['dense_4x_final_loss'], '.4f', 'not built')} "
                   f"| {s['moe_final_loss']:.4f} | {fmt(s['moe_steps_to_dense_final'], '.0f')} | {fmt(s['ratio'])} "
-                  f"| {'n/a (dense-4x no better)' if s['gain_fraction'] is None else fmt(s['gain_fraction'])} |")
+                  f"| {gain_cell(s)} |")
     atomic_write_text(Path(out).with_suffix(".md"), "\n".join(md) + "\n")
     return payload
 

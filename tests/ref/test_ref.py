@@ -182,6 +182,9 @@ def test_moe_vs_dense_compare_seed_by_hand():
     assert s["gain_fraction"] == pytest.approx(0.3 / 0.4)
     rows["ref-dense-4x"] = {"history": hist(5.0, 4.1)}  # no gain to realise: not a fraction
     assert bench.compare_seed(rows, 20)["gain_fraction"] is None
+    del rows["ref-dense-4x"]  # --built-only before the 4x model is built: the step ratio alone
+    s = bench.compare_seed(rows, 20)
+    assert s["dense_4x_final_loss"] is None and s["gain_fraction"] is None and s["ratio"] == pytest.approx(16.25 / 20)
 
 
 def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypatch):
