@@ -167,7 +167,7 @@ def compare_seed(rows: dict[str, dict], steps: int) -> dict:
     return {
         "dense_final_loss": dense, "dense_4x_final_loss": dense4, "moe_final_loss": moe,
         "moe_steps_to_dense_final": reach, "ratio": _ratio(reach, steps), "target_ratio": 0.6,
-        "gain_fraction": (dense - moe) / gain if gain else None, "target_gain_fraction": 0.5,
+        "gain_fraction": (dense - moe) / gain if gain is not None and gain > 0 else None, "target_gain_fraction": 0.5,
     }
 
 
