@@ -24,7 +24,10 @@ PRESETS: dict[str, dict] = {
     ),
     # minutes on 2 CPU cores: the quickstart pair
     "tiny-dense": dict(**_BASE, ffn_hidden=512),
-    "tiny-moe": dict(**_BASE, num_experts=8, expert_hidden=256, router="topk", router_args={"k": 2}),
+    # the two routed weights sum to 2 (routed_scale): the MoE's FFN output starts at the dense model's scale, not
+    # half of it; load balance 0.001 per layer, as in transformers' Mixtral/Qwen3-MoE (issue 13's measurements)
+    "tiny-moe": dict(**_BASE, num_experts=8, expert_hidden=256, router="topk",
+                     router_args={"k": 2, "routed_scale": 2.0, "load_balance": 0.001}),
     # the reference models (`moekit ref build`, moekit.ref): vocab_size comes from the data. The MoEs' routed
     # weights sum to k (routed_scale=k), so MoE and dense start at the same FFN output scale; the balance
     # coefficient is per layer, comparable to transformers' Mixtral/Qwen3 default (0.001).

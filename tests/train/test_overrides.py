@@ -28,11 +28,12 @@ def test_values_of_the_wrong_type_name_the_field():
 
 def test_a_new_router_starts_from_its_own_defaults():
     base = configs()
-    assert base["model"].router == "topk" and base["model"].router_args == {"k": 2}
+    preset_args = {"k": 2, "routed_scale": 2.0, "load_balance": 0.001}
+    assert base["model"].router == "topk" and base["model"].router_args == preset_args
     for pairs in (["router=topp", "router_args.p=0.5"], ["router_args.p=0.5", "router=topp"]):
         assert apply_overrides(base, pairs)["model"].router_args == {"p": 0.5}
     assert apply_overrides(base, ["router=topp"])["model"].router_args == {}
     assert apply_overrides(base, ["router=topp", 'router_args={"p": 0.4, "max_k": 3}'])["model"].router_args == {
         "p": 0.4, "max_k": 3}
     assert apply_overrides(base, ["router=topk", "router_args.noise=0.1"])["model"].router_args == {
-        "k": 2, "noise": 0.1}
+        **preset_args, "noise": 0.1}
