@@ -57,8 +57,11 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
 
 
 def point_name(settings: dict[str, Any]) -> str:
-    """A folder name for a point: 'lr=0.003,ffn_out_mult=2' (the base point, no settings: 'base')."""
-    return ",".join(f"{k}={json.dumps(v)}".replace("/", "_").replace('"', "") for k, v in settings.items()) or "base"
+    """A folder name for a point, keys sorted so that one point has one name whatever the axes' order:
+    'ffn_out_mult=2,lr=0.003' (the base point, no settings: 'base')."""
+    return ",".join(f"{k}={json.dumps(v)}".replace("/", "_").replace('"', "") for k, v in sorted(settings.items())) or (
+        "base"
+    )
 
 
 def applies(model: LMConfig, key: str) -> bool:

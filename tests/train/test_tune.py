@@ -35,7 +35,7 @@ def test_point_applies_to_the_right_config():
     assert (train.lr, model.ffn_out_mult, model.router_args) == (0.01, 2.0, {"k": 2, "load_balance": 0.0})
     assert not applies(DENSE, "router_args.load_balance") and applies(MOE, "router_args.load_balance")
     assert applies(DENSE, "ffn_out_mult") and applies(DENSE, "lr")
-    assert point_name({"lr": 0.003, "router": "hash"}) == "lr=0.003,router=hash"
+    assert point_name({"router": "hash", "lr": 0.003}) == "lr=0.003,router=hash"  # one name whatever the order
     assert point_name({}) == "base"
 
 
