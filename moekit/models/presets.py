@@ -30,16 +30,19 @@ PRESETS: dict[str, dict] = {
                      router_args={"k": 2, "routed_scale": 2.0, "load_balance": 0.001}),
     # the reference models (`moekit ref build`, moekit.ref): vocab_size comes from the data. The MoEs' routed
     # weights sum to k (routed_scale=k), so MoE and dense start at the same FFN output scale; the balance
-    # coefficient is per layer, comparable to transformers' Mixtral/Qwen3 default (0.001).
-    "ref-dense": dict(**_REF_BODY, ffn_hidden=1024),  # the MoEs' active FFN width
-    "ref-dense-4x": dict(**_REF_BODY, ffn_hidden=4096),  # ref-moe's total FFN parameters
+    # coefficient is per layer, comparable to transformers' Mixtral/Qwen3 default (0.001). `ffn_out_mult` is each
+    # model's best from the sweep (benchmarks/ref_sweep.py, benchmarks/results/tune/); ref-dense-4x takes
+    # ref-dense's (not swept itself: its runs cost 4x).
+    "ref-dense": dict(**_REF_BODY, ffn_hidden=1024, ffn_out_mult=4.0),  # the MoEs' active FFN width
+    "ref-dense-4x": dict(**_REF_BODY, ffn_hidden=4096, ffn_out_mult=4.0),  # ref-moe's total FFN parameters
     "ref-moe": dict(
-        **_REF_BODY, num_experts=8, expert_hidden=512, router="topk",
+        **_REF_BODY, num_experts=8, expert_hidden=512, router="topk", ffn_out_mult=8.0,
         router_args={"k": 2, "routed_scale": 2.0, "load_balance": 0.001},
     ),
-    # fine-grained with shared experts: active FFN width 6 x 128 routed + 2 x 128 shared = 1024
+    # fine-grained with shared experts: active FFN width 6 x 128 routed + 2 x 128 shared = 1024; ref-moe's
+    # ffn_out_mult and learning rate (not swept itself)
     "ref-moe-fg": dict(
-        **_REF_BODY, num_experts=32, expert_hidden=128, num_shared_experts=2, router="topk",
+        **_REF_BODY, num_experts=32, expert_hidden=128, num_shared_experts=2, router="topk", ffn_out_mult=8.0,
         router_args={"k": 6, "routed_scale": 6.0, "load_balance": 0.001},
     ),
 }
