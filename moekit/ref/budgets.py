@@ -60,8 +60,12 @@ class RefBudget:
         return self.batch_size * self.seq_len
 
 
-# the sweep's best learning rate per reference model (benchmarks/results/tune/); the budget's lr elsewhere
-REF_TUNED: dict[str, dict[str, Any]] = {}
+# the sweep's best learning rate per reference model (benchmarks/ref_sweep.py, benchmarks/results/tune/): 3e-3 for
+# both swept models (1.5e-3 and 6e-3 lost at every output scale tried); ref-dense-4x and ref-moe-fg take their
+# family's. The budget's lr serves any model not named here.
+REF_TUNED: dict[str, dict[str, Any]] = {
+    "ref-dense": {"lr": 3e-3}, "ref-dense-4x": {"lr": 3e-3}, "ref-moe": {"lr": 3e-3}, "ref-moe-fg": {"lr": 3e-3},
+}
 
 _MICRO = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
 
