@@ -201,3 +201,17 @@ def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypa
     saved = json.loads((tmp_path / "mvd.json").read_text())
     assert saved["budget"] == "smoke" and saved["seeds"] == [0]
     assert "| 0 |" in (tmp_path / "mvd.md").read_text()
+
+
+def test_per_model_training_overrides_and_reference_data():
+    from moekit.ref.budgets import RefBudget, ref_data_config, train_config
+
+    b = dataclasses.replace(BUDGETS["smoke"], train_overrides={"ref-moe": {"lr": 1e-2}})
+    assert train_config(b, 0, model="ref-moe").lr == 1e-2
+    assert train_config(b, 0, model="ref-dense").lr == train_config(b, 0).lr == b.lr
+    with pytest.raises(ValueError, match="unknown models \\['nope'\\]"):
+        RefBudget(name="x", steps=2, batch_size=1, seq_len=8, lr=1e-3, warmup=0, eval_every=1, eval_windows=1,
+                  ckpt_every=1, train_overrides={"nope": {"lr": 1e-3}})
+    from moekit.data import reference_data_config
+
+    assert ref_data_config("ref", seed=3) == reference_data_config(seed=0)  # every model seed: the same corpus
