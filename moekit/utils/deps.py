@@ -57,6 +57,9 @@ OPTIONAL: dict[str, OptionalPackage] = {
     "uvicorn": OptionalPackage("uvicorn", "the router server", "llmroute"),
     "httpx": OptionalPackage("httpx", "forwarding requests to backends", "llmroute"),
     "yaml": OptionalPackage("pyyaml", "reading YAML configs and price tables", "llmroute"),
+    "compressed_tensors": OptionalPackage(
+        "compressed-tensors", "quantizing experts (the compressed-tensors format)", "compress"
+    ),
 }
 
 

@@ -1,0 +1,1 @@
+"""Compression of MoE experts: pruning, merging, decomposition, quantization, distillation (DESIGN.md)."""
