@@ -34,6 +34,12 @@ from moekit.layers.experts import Experts, check_input_dtype
 from moekit.routing.routing import Routing
 from moekit.utils.deps import require
 
+__all__ = [
+    "SUPPORTED_BITS", "QuantizedExpert", "QuantizedExperts", "QuantizedWeight", "check_quant_args",
+    "experts_nbytes", "load_quantized", "quantization_config", "quantize_experts", "quantize_layer",
+    "save_quantized", "scheme",
+]
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 CKPT = "checkpoint"
 TMP_PREFIX = ".checkpoint-"
