@@ -89,6 +89,7 @@ class QuantizedWeight(nn.Module):
                 f"found width {K} (use a divisor of {K}; no padding is done)"
             )
         self.bits, self.group_size, self.shape, self.dtype = bits, group_size, (N, K), dtype
+        self._scheme = scheme(bits, group_size)  # built once: dequantize runs in every forward
         if bits == 8:
             self.register_buffer("weight", torch.zeros(N, K, dtype=torch.int8))
         else:
@@ -105,7 +106,7 @@ class QuantizedWeight(nn.Module):
         w = w.detach()
         absmax = w.reshape(N, K // group_size, group_size).abs().amax(-1)  # [N, G]
         absmax = absmax.clamp_min(torch.finfo(w.dtype).tiny)  # an all-zero group: scale > 0, q = 0
-        s = scheme(bits, group_size)
+        s = new._scheme
         scale, zp = _ct().quantization.utils.calculate_qparams(-absmax, absmax, s.weights)
         out = _compressor(bits).compress({"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zp}, s)
         for name, t in out.items():
@@ -114,9 +115,8 @@ class QuantizedWeight(nn.Module):
 
     def dequantize(self) -> Tensor:
         """[N, K] in the scale's dtype."""
-        s = scheme(self.bits, self.group_size)
         state = {name: b for name, b in self.named_buffers(recurse=False)}
-        return _compressor(self.bits).decompress(state, s)["weight"].to(self.weight_scale.dtype)
+        return _compressor(self.bits).decompress(state, self._scheme)["weight"].to(self.weight_scale.dtype)
 
     def nbytes(self) -> int:
         """Bytes of the stored tensors (packed values and scales; the 16-byte shape included)."""
