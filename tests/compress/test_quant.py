@@ -128,6 +128,10 @@ def test_save_then_load_gives_identical_weights_and_logits(tmp_path):
     assert qcfg["quantization_status"] == "compressed"
     widths = sorted(g["weights"]["num_bits"] for g in qcfg["config_groups"].values())
     assert widths == [2, 4, 8]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(qcfg)  # the library reads it back
+    assert sum(len(g.targets) for g in parsed.config_groups.values()) == 2 * 4 * 2  # layers x experts x matrices
 
 
 def test_save_of_an_unquantized_model_fails_and_writes_nothing(tmp_path):
