@@ -1,0 +1,20 @@
+"""Compression of MoE models (issue 14): calibration, expert pruning, dynamic skipping (docs/compress.md)."""
+
+from moekit.compress.calibrate import Calibration, LayerStats, calibrate, calibration_batches
+from moekit.compress.prune import PruneResult, kept_count, list_methods, prune, super_experts
+from moekit.compress.skip import SkippingRouter, disable_skipping, enable_skipping
+
+__all__ = [
+    "Calibration",
+    "LayerStats",
+    "PruneResult",
+    "SkippingRouter",
+    "calibrate",
+    "calibration_batches",
+    "disable_skipping",
+    "enable_skipping",
+    "kept_count",
+    "list_methods",
+    "prune",
+    "super_experts",
+]
