@@ -17,6 +17,7 @@ from torch import nn
 
 from moekit.compress.calibrate import calibrate, calibration_batches, moe_layers
 from moekit.compress.prune import PruneResult, get_method, kept_count, prune
+from moekit.utils.io import replace_dir
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -105,11 +106,9 @@ def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float,
         tokenizer = run_dir / "tokenizer.json"
         if tokenizer.is_file():
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
-        if out.exists():
-            if not out.is_dir():
-                raise FileExistsError(f"{out} exists and is not a folder")
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder")
+        replace_dir(tmp, out)  # an existing DST (--force) is swapped out only once the new one is whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
