@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/routing.md", "docs/training.md", "docs/analysis.md", "docs/surgery.md"]
+PAGES = ["README.md", "docs/routing.md", "docs/training.md", "docs/analysis.md", "docs/surgery.md",
+         "docs/compress.md"]
 
 
 def snippets(page: str) -> list[tuple[str, str]]:

@@ -1,0 +1,156 @@
+"""Expert pruning of moekit LMs: the methods' registry, super-expert protection, and applying the kept
+experts with `keep_experts` (DESIGN.md, contract 6).
+
+A method scores or searches each MoE layer on a `Calibration` and returns the expert ids to keep; `prune`
+then keeps the same number of experts in every MoE layer (`LMConfig` holds one `num_experts`) and updates
+`model.config.num_experts`, so `save_checkpoint` / `load_model` round-trip the pruned model.
+
+Super experts (Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models") are
+protected by default: the rule of `moekit.analyze.metrics.experts.super_experts` (an expert's peak |output|
+at or above the `quantile` of all routed experts' peaks AND at least `ratio` x their median), computed here
+on the calibration's activation maxima (`LayerStats.peak`) instead of a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moekit.compress.calibrate import Calibration, LayerStats, moe_layers
+from moekit.layers.moe import MoE
+from moekit.layers.surgery import keep_experts
+
+# name -> select(layer, stats, keep, protected) -> kept expert ids (any order; `prune` sorts them)
+Selector = Callable[[MoE, LayerStats, int, list[int]], list[int]]
+METHODS: dict[str, Selector] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_method(name: str, description: str) -> Callable[[Selector], Selector]:
+    """Register a pruning method under `name` (one way in: `METHODS`)."""
+
+    def deco(fn: Selector) -> Selector:
+        if name in METHODS:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        METHODS[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Selector:
+    _load_methods()
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def list_methods() -> dict[str, str]:
+    """name -> one-line description of every pruning method."""
+    _load_methods()
+    return dict(sorted(DESCRIPTIONS.items()))
+
+
+def _load_methods() -> None:
+    from moekit.compress import frequency, naee, reap  # noqa: F401  (registration)
+
+
+def kept_count(num_experts: int, ratio: float) -> int:
+    """Experts kept per layer when removing the fraction `ratio` in (0, 1) of `num_experts`
+    (removed = round(ratio x E), at least one removed and one kept)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
+        raise ValueError(f"ratio must be a fraction of experts to remove in (0, 1), got {ratio!r}")
+    removed = math.floor(ratio * num_experts + 0.5)
+    if removed < 1 or removed >= num_experts:
+        raise ValueError(f"ratio {ratio} of {num_experts} experts removes {removed}; it must remove at least one "
+                         f"and keep at least one")
+    return num_experts - removed
+
+
+def top_scored(scores: Tensor, keep: int, protected: list[int]) -> list[int]:
+    """The `protected` experts, then the highest `scores` [E] (ties: lower id first), `keep` in all."""
+    rest = [e for e in sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e)) if e not in protected]
+    return list(protected) + rest[: keep - len(protected)]
+
+
+def super_experts(calibration: Calibration, quantile: float = 0.995, ratio: float = 10.0) -> dict[int, list[int]]:
+    """block -> super experts by the analyze rule on the calibration's peaks (routed experts only)."""
+    peaks = [(s.block, e, float(s.peak[e])) for s in calibration.layers for e in range(s.num_experts)
+             if int(s.counts[e]) > 0]
+    if not peaks:
+        return {}
+    values = torch.tensor([p for _, _, p in peaks], dtype=torch.float64)
+    cut = float(torch.quantile(values, quantile))
+    median = float(torch.quantile(values, 0.5))  # numpy's median (the analyze rule's)
+    out: dict[int, list[int]] = {}
+    for block, e, p in peaks:
+        if p >= cut and p >= ratio * median and p > 0:
+            out.setdefault(block, []).append(e)
+    return out
+
+
+@dataclass
+class PruneResult:
+    """What `prune` did."""
+
+    method: str
+    ratio: float
+    kept: dict[int, list[int]]  # block -> old ids of the kept experts (new expert j is kept[j])
+    protected: dict[int, list[int]] = field(default_factory=dict)  # block -> super experts kept by protection
+    never_routed: dict[int, list[int]] = field(default_factory=dict)  # block -> experts calibration never routed
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    calibration: Calibration,
+    *,
+    ratio: float,
+    protect_super_experts: bool = True,
+) -> PruneResult:
+    """Remove the fraction `ratio` of experts in every MoE layer of `model` (a moekit `MoELM`), chosen by
+    `method` (see `list_methods()`) on `calibration` (of this model); in place. Nothing changes when it
+    raises (a bad ratio, a router `k` larger than the kept count, too many super experts to keep)."""
+    select = get_method(method)
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"prune: {type(model).__name__} has no MoE layers (a dense model has no experts to prune)")
+    blocks = [b for b, _ in layers]
+    if [s.block for s in calibration.layers] != blocks:
+        raise ValueError(f"prune: the calibration covers MoE blocks {[s.block for s in calibration.layers]}, "
+                         f"the model has {blocks}")
+    counts = {layer.experts.num_experts for _, layer in layers}
+    if len(counts) != 1:
+        raise ValueError(f"prune: every MoE layer must have the same number of experts, got {sorted(counts)}")
+    E = counts.pop()
+    keep = kept_count(E, ratio)
+    for b, layer in layers:
+        if calibration.layer(b).num_experts != E:
+            raise ValueError(f"prune: calibration of block {b} has {calibration.layer(b).num_experts} experts, "
+                             f"the layer {E} (calibrate the model you prune)")
+        k = max((getattr(r, "nominal_k", None) or getattr(r, "k", 0) or 0) for r in layer.routers)
+        if k > keep:
+            raise ValueError(f"prune: the router of block {b} chooses k={k} experts per token, more than the "
+                             f"{keep} kept of {E} (ratio {ratio}); use a smaller ratio")
+    protected = super_experts(calibration) if protect_super_experts else {}
+    for b, ids in protected.items():
+        if len(ids) > keep:
+            raise ValueError(f"prune: block {b} has {len(ids)} super experts {ids}, more than the {keep} kept; "
+                             "use a smaller ratio or protect_super_experts=False")
+    kept = {}
+    for b, layer in layers:
+        ids = sorted(select(layer, calibration.layer(b), keep, sorted(protected.get(b, []))))
+        if len(ids) != keep or len(set(ids)) != keep:
+            raise RuntimeError(f"prune: method {method!r} chose {ids} in block {b}, expected {keep} distinct ids")
+        kept[b] = ids
+    for b, layer in layers:
+        keep_experts(layer, kept[b])
+    if hasattr(model, "config") and dataclasses.is_dataclass(model.config):
+        model.config = dataclasses.replace(model.config, num_experts=keep)
+    return PruneResult(method, ratio, kept, protected, calibration.never_routed)

@@ -1,0 +1,56 @@
+"""`moekit compress`: writes a run folder `moekit eval` reads, or nothing at all."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from moekit.cli.main import app
+from moekit.models import MoELM
+from moekit.train.checkpoint import load_model, save_checkpoint
+from tests.helpers import tiny_lm
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_compress_writes_a_run_eval_reads(trained_run, tmp_path):
+    dst = tmp_path / "pruned"
+    r = invoke("compress", "reap", trained_run, "--out", dst, "--ratio", "0.25", "--calib-batches", "2")
+    assert r.exit_code == 0, r.output
+    assert "params MoE" in r.output and "loss all" in r.output
+    model = load_model(dst)
+    assert model.config.num_experts == 3  # micro-moe: 4 experts, one removed
+    assert (dst / "tokenizer.json").is_file()
+    e = invoke("eval", dst)
+    assert e.exit_code == 0 and "validation loss" in e.output, e.output
+    again = invoke("compress", "frequency", trained_run, "--out", dst, "--no-eval", "--calib-batches", "1")
+    assert again.exit_code == 1 and "--force" in again.output
+    forced = invoke("compress", "frequency", trained_run, "--out", dst, "--no-eval", "--calib-batches", "1", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "run"]
+
+
+def test_compress_errors_write_nothing(trained_run, tmp_path):
+    dst = tmp_path / "out" / "pruned"
+    cases = [
+        (["compress", "reap", trained_run, "--out", dst, "--ratio", "1.5"], "ratio"),
+        (["compress", "nope", trained_run, "--out", dst], "unknown pruning method 'nope'"),
+        (["compress", "reap", trained_run, "--out", dst, "--ratio", "0.75"], "k=2"),
+    ]
+    for args, msg in cases:
+        r = invoke(*args)
+        assert r.exit_code == 1 and msg in r.output, r.output
+        assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
+        assert not dst.exists()
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    dense = tmp_path / "dense"
+    save_checkpoint(dense, MoELM(tiny_lm()), {"step": 0})
+    r = invoke("compress", "reap", dense, "--out", dst)
+    assert r.exit_code == 1 and "dense" in r.output and not dst.exists()
+
+
+def test_compress_list():
+    r = invoke("compress", "--list")
+    assert r.exit_code == 0
+    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "naee", "reap"]
