@@ -1,5 +1,5 @@
 """Compression of MoE models (issue 14): calibration, expert pruning, dynamic skipping and quantized experts
-(docs/compress.md, docs/compress-quant.md)."""
+(docs/compress.md)."""
 
 from moekit.compress.calibrate import Calibration, LayerStats, calibrate, calibration_batches
 from moekit.compress.prune import PruneResult, kept_count, list_methods, prune, super_experts

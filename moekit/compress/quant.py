@@ -12,7 +12,7 @@ unpack; https://github.com/neuralmagic/compressed-tensors):
   + `weight_scale` + `weight_shape` int64 [2].
 State-dict keys read `layers.{i}.mlp.experts.{e}.gate_up_proj.weight_packed`, the way llm-compressor names
 per-expert Linear modules. The forward pass dequantizes each routed expert's two matrices on the fly (no
-CPU low-bit matmul kernel is used: compressed-tensors has none, see docs/compress-quant.md).
+CPU low-bit matmul kernel is used: compressed-tensors has none, see docs/compress.md, 'Quantized experts').
 
 Per-expert bit-widths (the hook for calibration sensitivity): `expert_bits={(layer, expert): bits}`.
 """
