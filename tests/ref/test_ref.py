@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -161,14 +163,7 @@ def test_cli_build_list_and_errors(cache, tmp_path, monkeypatch):
 
 
 def _benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_vs_dense.py"
-    spec = importlib.util.spec_from_file_location("moe_vs_dense_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("moe_vs_dense")
 
 
 def test_moe_vs_dense_compare_seed_by_hand():
@@ -215,3 +210,32 @@ def test_per_model_training_overrides_and_reference_data():
     from moekit.data import reference_data_config
 
     assert ref_data_config("ref", seed=3) == reference_data_config(seed=0)  # every model seed: the same corpus
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compress_benchmark_unigram_by_hand_and_smoke_run(cache, tmp_path, monkeypatch):
+    bench = _script("compress")
+    train = np.array([0, 0, 1, 2])  # counts + 1: [3, 2, 2, 1] of 8
+    y = torch.tensor([[0, 3]])
+    u = bench.unigram_loss(train, {"a": (y, y)}, vocab=4)
+    assert u["a"] == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2) and u["all"] == pytest.approx(u["a"])
+    root, _ = cache
+    monkeypatch.setenv("MOEKIT_CACHE", str(root))
+    monkeypatch.setattr("sys.argv", ["compress.py", "--budget", "smoke", "--methods", "frequency", "--ratios", "0.25",
+                                     "--calib-seeds", "0,1", "--calib-batches", "2", "--quant", "8",
+                                     "--threads", "1", "--out", str(tmp_path / "c")])
+    bench.main()
+    rows = json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "frequency", "int8 experts"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[2]["expert_bytes"] < rows[0]["expert_bytes"] / 3
+    assert len(rows[1]["loss_per_seed"]) == 2 and "| frequency | 25% |" in (tmp_path / "c" / "compress.md").read_text()
