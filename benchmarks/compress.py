@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
 from moekit.compress import calibrate, calibration_batches, list_methods, prune  # noqa: E402
-from moekit.compress.run import param_counts  # noqa: E402
+from moekit.compress.run import param_counts, validation_losses  # noqa: E402
 from moekit.data import prepare_data  # noqa: E402
 from moekit.ref import load  # noqa: E402
 from moekit.ref.budgets import get_budget, ref_data_config  # noqa: E402
-from moekit.train.evaluate import evaluate, validation_windows  # noqa: E402
+from moekit.train.evaluate import validation_windows  # noqa: E402
 from moekit.utils.io import atomic_write_text  # noqa: E402
 
 
@@ -57,11 +57,6 @@ def expert_bytes(model: torch.nn.Module) -> int:
                for t in [*layer.experts.parameters(), *layer.experts.buffers()])
 
 
-def measure(model: torch.nn.Module, windows, batch_size: int) -> dict[str, float]:
-    res = evaluate(model, windows, batch_size=batch_size)
-    return {"all": res.loss, **dict(sorted(res.loss_per_label.items()))}
-
-
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -84,7 +79,7 @@ def main() -> None:
     data = prepare_data(ref_data_config(b, args.seed), progress=False)
     windows = validation_windows(data, b.seq_len, b.eval_windows)
     base = load(args.model, b.name, args.seed)
-    before = measure(base, windows, b.batch_size)
+    before = validation_losses(base, windows, b.batch_size)
     unigram = unigram_loss(data.train.tokens, windows, base.config.vocab_size)
     gap = unigram["all"] - before["all"]  # <= 0 for an untrained model: no gap to lose, "gap lost" is n/a
 
@@ -101,7 +96,7 @@ def main() -> None:
                 model = load(args.model, b.name, args.seed)
                 cal = calibrate(model, calibration_batches(data, args.calib_batches, b.seq_len, seed=s), seed=s)
                 prune(model, method, cal, ratio=ratio)
-                losses.append(measure(model, windows, b.batch_size))
+                losses.append(validation_losses(model, windows, b.batch_size))
             mean = {k: statistics.fmean(x[k] for x in losses) for k in losses[0]}
             std = statistics.stdev([x["all"] for x in losses]) if len(losses) > 1 else 0.0
             rows.append({"method": method, "ratio": ratio, "loss": mean, "loss_std": std,
@@ -113,7 +108,7 @@ def main() -> None:
 
         model = quantize_experts(load(args.model, b.name, args.seed), bits=bits,
                                  group_size=min(128, base.config.dim, base.config.expert_hidden))
-        loss = measure(model, windows, b.batch_size)
+        loss = validation_losses(model, windows, b.batch_size)
         rows.append({"method": f"int{bits} experts", "ratio": 0.0, "loss": loss, "loss_std": 0.0,
                      "params": param_counts(base)[0], "expert_bytes": expert_bytes(model),
                      "gap_lost": lost(loss["all"])})

@@ -27,6 +27,14 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     return total, sum(p.numel() for p in moe.values())
 
 
+def validation_losses(model: nn.Module, windows: dict, batch_size: int) -> dict[str, float]:
+    """Validation loss overall ("all", token-weighted) and per label, labels sorted (moekit.train.evaluate)."""
+    from moekit.train.evaluate import evaluate
+
+    res = evaluate(model, windows, batch_size=batch_size)
+    return {"all": res.loss, **dict(sorted(res.loss_per_label.items()))}
+
+
 @dataclass
 class CompressReport:
     """Before/after numbers of one compression."""
@@ -60,7 +68,6 @@ def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float,
     train split) and write the result as the run folder `out`; see the module docstring."""
     from moekit.data import DataConfig, prepare_data
     from moekit.train.checkpoint import CKPT, checkpoint_dir, load_model, read_meta, save_checkpoint
-    from moekit.train.evaluate import evaluate as evaluate_model
     from moekit.train.evaluate import validation_windows
 
     get_method(method)  # unknown names fail before anything is read
@@ -85,15 +92,11 @@ def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float,
                     seed=seed)
     windows = validation_windows(data, train["seq_len"], train["eval_windows"]) if evaluate else None
     before = param_counts(model)
-    loss = {}
-    if windows is not None:
-        res = evaluate_model(model, windows, batch_size=train["batch_size"])
-        loss = {"all": res.loss, **dict(sorted(res.loss_per_label.items()))}
+    loss = validation_losses(model, windows, train["batch_size"]) if windows is not None else {}
     result = prune(model, method, cal, ratio=ratio, protect_super_experts=protect_super_experts)
     report = CompressReport(result, before, param_counts(model), loss)
     if windows is not None:
-        res = evaluate_model(model, windows, batch_size=train["batch_size"])
-        report.loss_after = {"all": res.loss, **dict(sorted(res.loss_per_label.items()))}
+        report.loss_after = validation_losses(model, windows, train["batch_size"])
     record = {"method": method, "ratio": ratio, "source": str(run_dir), "kept": {str(b): ids for b, ids in
               result.kept.items()}, "protected": {str(b): ids for b, ids in result.protected.items()},
               "calib_batches": calib_batches, "calib_seq_len": seq_len}
