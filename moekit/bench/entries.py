@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moekit.data import DataConfig, reference_data_config
+from moekit.data.reference import REFERENCE_VOCAB_SIZE
 from moekit.models import LMConfig
 
 
@@ -33,6 +35,24 @@ class Budget:
     eval_every: int  # validation cadence (steps)
     eval_windows: int  # validation windows per domain
     minutes_2_cores: float  # rough wall time of the whole leaderboard on 2 CPU cores
+    # "builtin": the built-in corpus at vocab_size / max_chars_per_domain; "reference": the reference corpus
+    # (`moekit.data.reference_data_config()`, 22.8M training tokens; vocab_size must then be its 2048 and
+    # max_chars_per_domain is its own), the data of the reference models
+    data: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.data not in ("builtin", "reference"):
+            raise ValueError(f"Budget.data must be 'builtin' or 'reference', got {self.data!r}")
+        if self.data == "reference":
+            if self.vocab_size != REFERENCE_VOCAB_SIZE:
+                raise ValueError(f"Budget.vocab_size must be {REFERENCE_VOCAB_SIZE} (the reference corpus's) when "
+                                 f"data='reference', got {self.vocab_size}")
+
+    def data_config(self, seed: int) -> DataConfig:
+        """The data this budget trains on (the corpus draw follows `seed`)."""
+        if self.data == "reference":
+            return reference_data_config(seed)
+        return DataConfig(vocab_size=self.vocab_size, max_chars_per_domain=self.max_chars_per_domain, seed=seed)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -46,15 +66,14 @@ BUDGETS: dict[str, Budget] = {
     "small": Budget(steps=250, batch_size=16, seq_len=128, lr=3e-3, vocab_size=4096, max_chars_per_domain=1_000_000,
                     dim=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8, expert_hidden=128,
                     eval_every=50, eval_windows=16, minutes_2_cores=30.0),
-    # a budget that separates routers (issue 13): small's model trained 4x longer on twice the text, evaluated on
-    # twice the windows, meant for 3 seeds (`--seeds 0,1,2`). Estimate from small's measured ~0.25 s per step:
-    # 1000 steps ~ 250 s + 10 evaluations of 3x32 windows (~20 s) per top-2 entry; SMEAR, SMoE-Dropout and THOR
-    # cost 2-3x that, so ~4x small's 30 min = ~120 min per seed for all 27 entries (~6 h for 3 seeds), ~60 min
-    # per seed for the claim entries alone (moekit.bench.claims.CLAIM_ENTRIES). 2M tokens at 1000 x 16 x 128
-    # is more than one pass over the built-in corpus today (it grows with issue 13's corpus work).
-    "medium": Budget(steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=4096,
-                     max_chars_per_domain=2_000_000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8,
-                     expert_hidden=128, eval_every=100, eval_windows=32, minutes_2_cores=120.0),
+    # a budget meant to separate routers (issue 13): small's model trained 4x longer, on the reference corpus (the
+    # reference models' data: 22.8M training tokens at vocabulary 2048, so 1000 x 16 x 128 = 2M tokens never repeats
+    # a window; on the ref budget two seeds of ref-dense ended 0.005 apart), evaluated on twice the windows, meant
+    # for 3 seeds (`--seeds 0,1,2`). ~7-8 min per top-2 entry and seed at one torch thread; SMEAR, SMoE-Dropout and
+    # THOR cost 2-3x that: ~120 min per seed for all entries on 2 cores, ~40 min per seed for the claim entries.
+    "medium": Budget(steps=1000, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048,
+                     max_chars_per_domain=28_000_000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, num_experts=8,
+                     expert_hidden=128, eval_every=100, eval_windows=32, minutes_2_cores=120.0, data="reference"),
 }
 
 

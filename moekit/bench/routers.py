@@ -82,7 +82,7 @@ def run_leaderboard(
     b = BUDGETS[budget]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_cfg = DataConfig(vocab_size=b.vocab_size, max_chars_per_domain=b.max_chars_per_domain, seed=seeds[0])
+    data_cfg = b.data_config(seeds[0])
     data = prepare_data(data_cfg, progress=progress)
     windows = val_windows(data, b.seq_len, b.eval_windows)
     rows, run_dirs = [], {}

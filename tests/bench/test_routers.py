@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ from moekit.bench import BUDGETS, ENTRIES, run_leaderboard
 from moekit.bench.entries import model_config
 from moekit.bench.measure import expert_domain_mi_bits, measure
 from moekit.cli.main import app
+from moekit.data import reference_data_config
 from moekit.models import MoELM, count_params
 from moekit.routing import list_routers
 
@@ -218,3 +220,16 @@ def test_a_dtype_change_refuses_the_finished_run(smoke):
     with pytest.raises(FileExistsError, match="dtype"):
         run_leaderboard("smoke", ["topk"], root / "out", dtype="bfloat16", bf16_on_cpu=True, progress=False,
                         log=lambda *_: None)
+
+
+def test_budget_data_names_the_corpus():
+    medium = BUDGETS["medium"]
+    assert medium.data == "reference"
+    assert medium.data_config(0) == reference_data_config(0)  # the reference models' data, cached once
+    small = BUDGETS["small"]
+    cfg = small.data_config(3)
+    assert (cfg.vocab_size, cfg.max_chars_per_domain, cfg.seed) == (small.vocab_size, small.max_chars_per_domain, 3)
+    with pytest.raises(ValueError, match="Budget.data must be 'builtin' or 'reference'"):
+        dataclasses.replace(small, data="wiki")
+    with pytest.raises(ValueError, match="Budget.vocab_size must be 2048"):
+        dataclasses.replace(small, data="reference")
