@@ -7,6 +7,11 @@ validation loss.
 ref-dense (equal active FLOPs) and ref-dense-4x (equal total parameters). The runs are moekit.ref's cached,
 resumable ones, so reference models already built are reused and an interrupted benchmark continues.
 --budget smoke: the same comparison at the reference `smoke` budget (micro models, seconds; for tests).
+ref-moe-fg (the fine-grained MoE with shared experts), when built, is compared with ref-dense the same way.
+--recorded FILE: result rows of an earlier `moekit ref build --out` (its results.json, e.g.
+benchmarks/results/reference/results.json) stand in for models this machine's cache lacks, when the file's
+budget settings equal this budget's and the row's parameter count equals the preset's (the cache is per
+machine; a recorded curve is the same run's). Rows so used are marked "recorded" in the output.
 
     python benchmarks/moe_vs_dense.py                     # tiny: 600 steps each, built-in corpus
     python benchmarks/moe_vs_dense.py --steps 100 --eval-every 20
@@ -38,6 +43,7 @@ from moekit.train.run import val_windows  # noqa: E402
 from moekit.utils.io import atomic_write_text  # noqa: E402
 
 REF_MODELS = ("ref-dense", "ref-dense-4x", "ref-moe")  # equal active FLOPs, equal total parameters, the MoE
+REF_FG = "ref-moe-fg"  # the fine-grained MoE, compared with ref-dense when built
 
 
 def steps_to_reach(history: list[dict], target: float) -> float | None:
@@ -70,6 +76,9 @@ def main() -> None:
     ap.add_argument("--built-only", action="store_true",
                     help="--budget ref/smoke: compare only the models `moekit ref build` finished (train nothing)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (--budget ref / smoke)")
+    ap.add_argument("--recorded", default=None,
+                    help="--budget ref/smoke: a results.json of `moekit ref build --out` whose rows stand in for "
+                         "models not built here (same budget settings and parameter count only)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/moe_vs_dense.json, _ref.json at --budget ref)")
     args = ap.parse_args()
@@ -88,8 +97,12 @@ def main() -> None:
             ap.exit(1, f"error: --seeds expects comma-separated integers, got {args.seeds!r}\n")
         if not seeds:
             ap.exit(1, "error: --seeds names no seed\n")
+        try:
+            recorded = recorded_rows(args.recorded, args.budget) if args.recorded else {}
+        except ValueError as exc:
+            ap.exit(1, f"error: {exc}\n")
         compare_ref(args.budget, seeds, args.out, device=args.device, dtype=args.dtype, where=str(where),
-                    built_only=args.built_only)
+                    built_only=args.built_only, recorded=recorded)
         return
     data_cfg = DataConfig(vocab_size=4096, seed=args.seed)
     data = prepare_data(data_cfg, progress=False)
@@ -160,41 +173,88 @@ def _ratio(a: float | None, b: float) -> float | None:
 def compare_seed(rows: dict[str, dict], steps: int) -> dict:
     """The comparison for one seed from moekit.ref's result rows (model -> row): the MoE's steps to the
     active-matched dense model's final loss (and their ratio to the run's steps), and the fraction of the
-    total-params-matched dense model's loss gain over that dense model that the MoE realises."""
+    total-params-matched dense model's loss gain over that dense model that the MoE realises; the same for
+    ref-moe-fg when its row is there (`fg_*` keys)."""
     dense, dense4, moe = (rows[n]["history"][-1]["loss"] if n in rows else None for n in REF_MODELS)
     reach = steps_to_reach(rows["ref-moe"]["history"], dense)
     gain = None if dense4 is None else dense - dense4
-    return {
+    out = {
         "dense_final_loss": dense, "dense_4x_final_loss": dense4, "moe_final_loss": moe,
         "moe_steps_to_dense_final": reach, "ratio": _ratio(reach, steps), "target_ratio": 0.6,
         "gain_fraction": (dense - moe) / gain if gain is not None and gain > 0 else None, "target_gain_fraction": 0.5,
+        "fg_final_loss": None, "fg_steps_to_dense_final": None, "fg_ratio": None, "fg_gain_fraction": None,
     }
+    if REF_FG in rows:
+        fg = rows[REF_FG]["history"][-1]["loss"]
+        fg_reach = steps_to_reach(rows[REF_FG]["history"], dense)
+        out.update(fg_final_loss=fg, fg_steps_to_dense_final=fg_reach, fg_ratio=_ratio(fg_reach, steps),
+                   fg_gain_fraction=(dense - fg) / gain if gain is not None and gain > 0 else None)
+    return out
+
+
+def recorded_rows(path: str | Path, budget: str) -> dict[tuple[str, int], dict]:
+    """(model, seed) -> result row of a `moekit ref build` results.json, checked against `budget`: the file's
+    budget settings must equal the budget's, and each row's parameter count the preset's at that vocabulary."""
+    import json
+
+    from moekit.models import count_params
+    from moekit.ref.budgets import budget_dict, model_config, ref_data_config
+
+    f = Path(path)
+    if not f.is_file():
+        raise ValueError(f"--recorded: no such file {f}")
+    try:
+        info = json.loads(f.read_text())
+        rows, settings = info["rows"], info["budget"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--recorded: {f} is not a results.json of `moekit ref build` ({exc})") from None
+    if settings != budget_dict(budget):
+        raise ValueError(f"--recorded: {f} was made under other settings of budget {settings.get('name')!r} than "
+                         f"today's {budget!r}; its rows are not this budget's runs")
+    out = {}
+    for r in rows:
+        vocab = ref_data_config(budget, int(r["seed"])).vocab_size  # the corpus's BPE vocabulary (it fills it)
+        want = count_params(model_config(r["model"], budget, vocab)).total
+        if r["params_total"] != want:
+            raise ValueError(f"--recorded: {f}: {r['model']} seed {r['seed']} has {r['params_total']} parameters, "
+                             f"the preset today {want}: the preset changed since; rebuild it")
+        out[(r["model"], int(r["seed"]))] = {**r, "recorded": str(f)}
+    return out
 
 
 def compare_ref(
-    budget: str, seeds: list[int], out: str, *, device: str, dtype: str, where: str, built_only: bool = False
+    budget: str, seeds: list[int], out: str, *, device: str, dtype: str, where: str, built_only: bool = False,
+    recorded: dict[tuple[str, int], dict] | None = None,
 ) -> dict:
     """Build (or reuse) ref-dense, ref-dense-4x and ref-moe for every seed with moekit.ref.build, compare them
-    per seed, and write `out` (JSON) and its .md. Returns the JSON payload."""
+    per seed, and write `out` (JSON) and its .md. Returns the JSON payload. With `built_only`, only what the
+    cache holds (plus `recorded` rows for what it lacks) is compared, and ref-moe-fg joins when available."""
+    recorded = recorded or {}
     from moekit.ref import BUDGETS, build, built
 
     steps = BUDGETS[budget].steps
     per_seed, runs = {}, {}
     for seed in seeds:
         names = list(REF_MODELS)
-        if built_only:  # what `moekit ref build` finished; ref-dense-4x may be missing (its gain fraction: n/a)
+        stand_in = {}
+        if built_only:  # what `moekit ref build` finished (or was recorded); ref-dense-4x / ref-moe-fg may be missing
             done = {(r["model"], r["seed"]) for r in built() if r["budget"] == budget and r["status"] == "done"}
-            names = [n for n in names if (n, seed) in done]
-            if not {"ref-dense", "ref-moe"} <= set(names):
+            names = [n for n in (*REF_MODELS, REF_FG) if (n, seed) in done]
+            stand_in = {n: recorded[(n, seed)] for n in (*REF_MODELS, REF_FG)
+                        if (n, seed) in recorded and n not in names}
+            if not {"ref-dense", "ref-moe"} <= set(names) | set(stand_in):
                 raise SystemExit(f"error: --built-only: ref-dense and ref-moe of seed {seed} are not both built; "
                                  f"run `moekit ref build --budget {budget} --models ref-dense,ref-moe --seed {seed}`")
-        rows = {r["model"]: r for r in build(names, budget, seed, device=device, dtype=dtype)}
+        rows = {r["model"]: r for r in build(names, budget, seed, device=device, dtype=dtype)} if names else {}
+        rows.update(stand_in)
         per_seed[str(seed)] = compare_seed(rows, steps)
         runs[str(seed)] = rows
         s = per_seed[str(seed)]
         print(f"seed {seed}: MoE reaches the dense final loss {s['dense_final_loss']:.4f} at step "
               f"{s['moe_steps_to_dense_final']} (ratio {s['ratio']}, target <= 0.6); gain fraction "
-              f"{s['gain_fraction']} of dense-4x's (target >= 0.5)")
+              f"{s['gain_fraction']} of dense-4x's (target >= 0.5)"
+              + (f"; ref-moe-fg {s['fg_final_loss']:.4f}, ratio {s['fg_ratio']}" if s["fg_final_loss"] else "")
+              + (f" (recorded: {', '.join(sorted(stand_in))})" if stand_in else ""))
     env = environment()
     payload = {"benchmark": "moe_vs_dense", "budget": budget, "seeds": seeds, "env": env, "summary": per_seed,
                "runs": runs}
@@ -214,13 +274,19 @@ def compare_ref(
         f"{env['date']}. Reference budget `{budget}` ({steps} steps); models from moekit.ref.",
         "",
         "| seed | ref-dense | ref-dense-4x | ref-moe | MoE steps to dense final | ratio (<= 0.6) "
-        "| gain fraction (>= 0.5) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| gain fraction (>= 0.5) | ref-moe-fg | fg steps to dense final | fg ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for seed, s in per_seed.items():
+        fg_built = s["fg_final_loss"] is not None
         md.append(f"| {seed} | {s['dense_final_loss']:.4f} | {fmt(s['dense_4x_final_loss'], '.4f', 'not built')} "
                   f"| {s['moe_final_loss']:.4f} | {fmt(s['moe_steps_to_dense_final'], '.0f')} | {fmt(s['ratio'])} "
-                  f"| {gain_cell(s)} |")
+                  f"| {gain_cell(s)} | {fmt(s['fg_final_loss'], '.4f', 'not built')} "
+                  f"| {fmt(s['fg_steps_to_dense_final'], '.0f') if fg_built else ''} "
+                  f"| {fmt(s['fg_ratio']) if fg_built else ''} |")
+    used = sorted({f"{r['model']} seed {seed}" for seed, rs in runs.items() for r in rs.values() if r.get("recorded")})
+    if used:
+        md += ["", f"Recorded rows (from an earlier `moekit ref build --out`, not rebuilt here): {', '.join(used)}."]
     atomic_write_text(Path(out).with_suffix(".md"), "\n".join(md) + "\n")
     return payload
 

@@ -180,6 +180,10 @@ def test_moe_vs_dense_compare_seed_by_hand():
     del rows["ref-dense-4x"]  # --built-only before the 4x model is built: the step ratio alone
     s = bench.compare_seed(rows, 20)
     assert s["dense_4x_final_loss"] is None and s["gain_fraction"] is None and s["ratio"] == pytest.approx(16.25 / 20)
+    assert s["fg_final_loss"] is None and s["fg_ratio"] is None
+    rows["ref-moe-fg"] = {"history": hist(4.2, 3.5)}  # crosses 4.0 at 10 + 10 * 0.2 / 0.7
+    s = bench.compare_seed(rows, 20)
+    assert s["fg_final_loss"] == 3.5 and s["fg_ratio"] == pytest.approx((10 + 10 * 0.2 / 0.7) / 20)
 
 
 def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypatch):
@@ -196,6 +200,35 @@ def test_moe_vs_dense_ref_path_reuses_reference_models(cache, tmp_path, monkeypa
     saved = json.loads((tmp_path / "mvd.json").read_text())
     assert saved["budget"] == "smoke" and saved["seeds"] == [0]
     assert "| 0 |" in (tmp_path / "mvd.md").read_text()
+
+
+def test_moe_vs_dense_recorded_rows_stand_in_for_models_not_built(cache, tmp_path, monkeypatch):
+    root, rows = cache
+    bench = _benchmark()
+    published = root / "published" / "results.json"
+    copy = shutil.copytree(root, tmp_path / "cache")
+    shutil.rmtree(run_dir("ref-dense", "smoke", 0, copy))  # this machine lacks the dense model
+    monkeypatch.setenv("MOEKIT_CACHE", str(copy))
+    recorded = bench.recorded_rows(published, "smoke")
+    assert set(recorded) == {("ref-dense", 0), ("ref-moe", 0)}
+    payload = bench.compare_ref("smoke", [0], str(tmp_path / "mvd.json"), device="cpu", dtype="float32",
+                                where="cpu", built_only=True, recorded=recorded)
+    assert not run_dir("ref-dense", "smoke", 0, copy).exists()  # nothing retrained
+    s = payload["summary"]["0"]
+    assert s["dense_final_loss"] == rows[0]["history"][-1]["loss"] and s["fg_final_loss"] is None
+    assert payload["runs"]["0"]["ref-dense"]["recorded"] == str(published)
+    assert "recorded" not in payload["runs"]["0"]["ref-moe"]  # the built one is measured here
+    assert "Recorded rows" in (tmp_path / "mvd.md").read_text()
+    info = json.loads(published.read_text())
+    info["budget"]["steps"] += 1  # made under other settings: refused
+    (tmp_path / "other.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="other settings of budget 'smoke'"):
+        bench.recorded_rows(tmp_path / "other.json", "smoke")
+    info = json.loads(published.read_text())
+    info["rows"][0]["params_total"] += 1  # the preset changed since
+    (tmp_path / "stale.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="the preset changed since"):
+        bench.recorded_rows(tmp_path / "stale.json", "smoke")
 
 
 def test_per_model_training_overrides_and_reference_data():
