@@ -24,20 +24,22 @@ class AdaptConfig:
     """
 
     method: str = "lora"  # the registered method that made this config (for the record; `moekit.adapt.methods`)
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # suffixes of nn.Linear names, or "re:<regex>" (full match)
+    # names or dotted suffixes of nn.Linear modules, or "re:<regex>" (matching the whole name)
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     kind: str = "experts"  # one of KINDS
     num_experts: int = 1  # N experts per wrapped layer (ignored for kind "ranks": the experts are the r ranks)
     rank: int = 8  # r, the LoRA rank of each expert
     alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r
-    router: str | None = None  # registered moekit router over the layer input; None: every token uses expert 0 (plain LoRA)
+    router: str | None = None  # registered moekit router over the layer input; None: expert 0 always (plain LoRA)
     router_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router (k, load_balance, ...)
-    init_std: float | None = None  # std of the A init; None: Kaiming-uniform (a=sqrt(5)) as peft/nn.Linear. B starts at 0
+    init_std: float | None = None  # std of A's normal init; None: Kaiming-uniform as peft. B starts at 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.targets, list) or not self.targets or not all(
             isinstance(t, str) and t for t in self.targets
         ):
-            raise ValueError(f"AdaptConfig: targets must be a non-empty list of names or 're:' patterns, got {self.targets!r}")
+            raise ValueError(f"AdaptConfig: targets must be a non-empty list of names or 're:' patterns, "
+                             f"got {self.targets!r}")
         if self.kind not in KINDS:
             raise ValueError(f"AdaptConfig: kind must be one of {list(KINDS)}, got {self.kind!r}")
         for name in ("num_experts", "rank"):
