@@ -10,3 +10,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+from tests.cli.conftest import _cache, _trained, cache_dir, trained_run  # noqa: E402, F401  (the CLI suite's micro run)
