@@ -51,11 +51,12 @@ def test_one_expert_pass_through_router_equals_plain_lora_by_hand():
     torch.testing.assert_close(x @ plain.merged_weight().T + plain.base.bias, by_hand)
 
 
-@pytest.mark.parametrize("kind,router_args", [
-    ("experts", {"k": 2}), ("shared_a", {"k": 4}), ("ranks", {"k": 2, "normalize": False}),
+@pytest.mark.parametrize("kind,router,router_args", [
+    ("experts", "topk", {"k": 2}), ("shared_a", "topk", {"k": 4}), ("ranks", "topk", {"k": 2, "normalize": False}),
+    ("experts", "topp", {"p": 0.5}),  # a variable number of experts per token: empty slots are -1
 ])
-def test_mixture_matches_reference_loop_with_gradients(kind, router_args):
-    layer = make(kind=kind, router_args=router_args)
+def test_mixture_matches_reference_loop_with_gradients(kind, router, router_args):
+    layer = make(kind=kind, router=router, router_args=router_args)
     x = torch.randn(6, 12)
     fast = layer(x)
     layer.zero_grad()
