@@ -8,6 +8,7 @@ import typer
 
 from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, ref, route, train, tune
 from moekit.cli import compress as compress_cli
+from moekit.cli import convert as convert_cli
 from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ app.command(name="inspect")(inspect.inspect)
 app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
 app.command(name="compress")(compress_cli.compress)
+app.command(name="convert")(convert_cli.convert)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
 app.add_typer(ref.app, name="ref")
