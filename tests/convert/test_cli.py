@@ -98,3 +98,18 @@ def test_train_init_starts_from_the_checkpoint_weights(dense_run, tmp_path, monk
     bad = invoke("train", "--init", tmp_path / "nowhere", "--out", tmp_path / "x", *SMALL)
     assert bad.exit_code == 1 and "does not exist" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_init_weights_that_do_not_fit_the_model_config_are_refused(dense_run, tmp_path):
+    import pytest
+
+    from moekit.train.trainer import load_init
+    from tests.convert.conftest import dense_lm
+
+    other = dense_lm(vocab_size=320, ffn_hidden=32)  # another FFN width than the run's 64
+    with pytest.raises(ValueError, match=r"--init .*: its weights do not fit the model config .*other shapes"):
+        load_init(other, dense_run)
+    same = load_model(dense_run)
+    fresh = type(same)(same.config)
+    load_init(fresh, dense_run)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), same.state_dict().values(), strict=True))
