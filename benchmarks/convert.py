@@ -105,6 +105,8 @@ def main() -> None:
                                                                                 **over), calib_batches=cal)
             at_conversion[name] = evaluate(model, windows, batch_size=bs).loss
             at_conversion[name + "_router_recall"] = s.extra.get("router recall of the true top-k experts per block")
+            at_conversion[name + "_constant_recall"] = s.extra.get(
+                "recall of a constant guess (the most frequent top-k) per block")
             print(f"{name}: validation loss right after conversion {at_conversion[name]:.4f} (dense {dense_loss:.4f})")
         tcfg = TrainConfig.short_run(steps, batch_size=bs, seq_len=seq_len, lr=args.lr,
                                      eval_every=args.eval_every or max(1, steps // 10),

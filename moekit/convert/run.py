@@ -92,6 +92,8 @@ def convert_model(method: str, source: DenseSource, *, upcycle_cfg: UpcycleConfi
         if report.router_recall:
             extra["router recall of the true top-k experts per block"] = {
                 b: round(r, 3) for b, r in report.router_recall.items()}
+            extra["recall of a constant guess (the most frequent top-k) per block"] = {
+                b: round(r, 3) for b, r in report.constant_recall.items()}
     c = model.config
     pc = count_params(c)
     summary = ConvertSummary(

@@ -77,6 +77,9 @@ class SplitReport:
 
     clusters: dict[int, list[int]] = field(default_factory=dict)  # block -> expert of each dense neuron [F]
     router_recall: dict[int, float] = field(default_factory=dict)  # block -> share of true top-k experts picked
+    # block -> the same share for a constant guess (the k experts most often in the true top-k): what the router's
+    # recall must beat to have learnt anything from the tokens (high when a few experts hold most activation)
+    constant_recall: dict[int, float] = field(default_factory=dict)
 
 
 def intermediate(mlp: MLP, x: Tensor) -> Tensor:
@@ -119,9 +122,10 @@ def expert_scores(gate_up: Tensor, x: Tensor, mlp: MLP) -> Tensor:
     return (mlp.act(h[..., :f]) * h[..., f:]).norm(dim=-1)
 
 
-def train_router(x: Tensor, scores: Tensor, k: int, cfg: SplitConfig) -> tuple[Tensor, float]:
+def train_router(x: Tensor, scores: Tensor, k: int, cfg: SplitConfig) -> tuple[Tensor, float, float]:
     """Router rows W [E, D] fitted on tokens x [T, D] to put softmax mass on each token's top-k experts by
-    `scores [T, E]`; returns (W, recall: share of the true top-k sets the trained router's top-k recovers)."""
+    `scores [T, E]`; returns (W, recall: share of the true top-k sets the trained router's top-k recovers,
+    the recall of always guessing the k experts most often in the true top-k)."""
     E = scores.shape[1]
     target = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0 / k)  # [T, E]
     w = torch.zeros(E, x.shape[1], requires_grad=True)
@@ -135,8 +139,10 @@ def train_router(x: Tensor, scores: Tensor, k: int, cfg: SplitConfig) -> tuple[T
             opt.step()
     w = w.detach()
     picked = torch.zeros_like(scores).scatter_(1, (xf @ w.T).topk(k, dim=1).indices, 1.0)
-    recall = float((picked * (target > 0)).sum() / (target > 0).sum())
-    return w, recall
+    truth = target > 0
+    recall = float((picked * truth).sum() / truth.sum())
+    constant = float(truth.sum(0).topk(k).values.sum() / truth.sum())
+    return w, recall, constant
 
 
 def flatten_weights(w: Tensor, x: Tensor, k: int, tolerance: float) -> Tensor:
@@ -219,7 +225,8 @@ def split(dense: MoELM, cfg: SplitConfig | None = None, batches: Iterable[Tensor
         block.mlp.experts.down_proj.copy_(down)
         w = torch.zeros_like(block.mlp.router.weight)
         if x is not None and cfg.router_steps:
-            w, report.router_recall[i] = train_router(x, expert_scores(gate_up, x.to(gate_up.dtype), mlp), cfg.k, cfg)
+            scores = expert_scores(gate_up, x.to(gate_up.dtype), mlp)
+            w, report.router_recall[i], report.constant_recall[i] = train_router(x, scores, cfg.k, cfg)
             w = flatten_weights(w, x, cfg.k, cfg.weight_tolerance)
         block.mlp.router.weight.copy_(w)
         report.clusters[i] = labels.tolist()
