@@ -57,6 +57,19 @@ def test_upcycled_hf_model_saves_as_hf_moe_and_reloads_with_moekit_logits(model_
         torch.testing.assert_close(theirs, hf(IDS).logits, atol=1e-5, rtol=0)  # and the dense model's, at init
 
 
+def test_hf_dense_folder_converts_into_a_moekit_checkpoint(tmp_path):
+    from moekit.train.checkpoint import load_model, read_meta
+
+    hf = tiny_dense("llama")
+    hf.save_pretrained(str(tmp_path / "dense"))
+    convert_run("upcycle", tmp_path / "dense", tmp_path / "moe", upcycle_cfg=UpcycleConfig(num_experts=2, k=1))
+    moe = load_model(tmp_path / "moe").eval()
+    assert moe.config.num_experts == 2 and read_meta(tmp_path / "moe")["convert"][0]["source"].startswith(
+        "transformers llama")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(IDS).logits, hf(IDS).logits, atol=1e-5, rtol=0)
+
+
 def test_granular_upcycle_exports_to_mixtral_with_folded_scale(tmp_path):
     moe = upcycle(from_hf_dense(tiny_dense("llama")), UpcycleConfig(num_experts=2, k=1, granularity=2)).eval()
     export_lm(moe, "mixtral", tmp_path / "out")  # checks the logits, with routed_scale 2 folded into down_proj
