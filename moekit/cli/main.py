@@ -9,6 +9,7 @@ import typer
 from moekit.cli import adapt as adapt_cli
 from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, ref, route, train, tune
 from moekit.cli import compress as compress_cli
+from moekit.cli import convert as convert_cli
 from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
 app.command(name="compress")(compress_cli.compress)
 app.command(name="adapt")(adapt_cli.adapt)
+app.command(name="convert")(convert_cli.convert)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
 app.add_typer(ref.app, name="ref")

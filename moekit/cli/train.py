@@ -32,6 +32,11 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the data")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of init and data order")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the checkpoint in OUT")] = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="start from this checkpoint's weights and model config (e.g. `moekit convert` output; "
+                     "fresh optimiser and schedule; its data config unless --data is given)"),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="delete the checkpoint and logs in OUT and start over")
     ] = False,
@@ -56,12 +61,22 @@ def train(
 
     set_threads(threads)
     spec = data if data and data != ["builtin"] else "builtin"
-    model_cfg = get_preset(preset, vocab_size=vocab_size)
+    init_data = None
+    if init is not None:  # the model (and, without --data, the data) of the checkpoint
+        from moekit.train.checkpoint import read_meta, read_model_config
+
+        model_cfg = read_model_config(init)
+        init_data = read_meta(init).get("data") if not data else None
+    else:
+        model_cfg = get_preset(preset, vocab_size=vocab_size)
     train_cfg = TrainConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len or model_cfg.max_seq_len, lr=lr, seed=seed,
         device=device, dtype=dtype, bf16_on_cpu=bf16_on_cpu,
     )
-    data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
+    if isinstance(init_data, dict):
+        data_cfg = DataConfig(**init_data)
+    else:
+        data_cfg = DataConfig(spec=spec, vocab_size=vocab_size, seed=seed, label_field=label_field)
     cfgs = apply_overrides({"model": model_cfg, "train": train_cfg, "data": data_cfg}, set_ or [])
     # a failed run leaves no empty run folder and no temporary checkpoint; a written checkpoint (also one
     # left at checkpoint.old by a failed swap) keeps the run folder as it is, for --resume
@@ -76,6 +91,7 @@ def train(
                 overwrite=overwrite,
                 stop_after=stop_after,
                 progress=not no_progress,
+                init=init,
             )
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: aborted without a new checkpoint
         typer.echo(f"error: aborted; {Path(out) / 'checkpoint'} keeps the last checkpoint written (if any)", err=True)

@@ -45,11 +45,12 @@ def run_training(
     overwrite: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Prepare (or load cached) data, then train into `run_dir`.
 
     The tokenizer is copied into `run_dir` before the first step, so a run killed after its first
-    checkpoint can already `generate`. `resume` and `overwrite` are those of `train`."""
+    checkpoint can already `generate`. `resume`, `overwrite` and `init` are those of `train`."""
     resolve_device(train_cfg.device, train_cfg.dtype, bf16_on_cpu=train_cfg.bf16_on_cpu)  # fail before the data
     data = prepare_data(data_cfg, progress=progress)
     check_fits(model_cfg, train_cfg, data)
@@ -72,4 +73,5 @@ def run_training(
         progress=progress,
         meta={"data": dataclasses.asdict(data_cfg), "labels": list(data.label_names)},
         files={"tokenizer.json": data.directory / "tokenizer.json"},
+        init=init,
     )

@@ -136,6 +136,21 @@ RESUME_MAY_CHANGE = ("steps", "device", "bf16_on_cpu")  # TrainConfig fields a r
 LOCK_WAIT_S = 2.0  # how long a new run waits for the run folder's lock (a reader's clean-up holds it for milliseconds)
 
 
+def load_init(model: MoELM, path: str | Path) -> None:
+    """Copy the weights of the checkpoint at `path` into `model` (whose config may differ only in fields that
+    keep every tensor's shape, e.g. loss coefficients); a mismatch is ValueError naming the tensors."""
+    src = load_model(path).state_dict()
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(src)), sorted(set(src) - set(want))
+    wrong = sorted(k for k in set(src) & set(want) if src[k].shape != want[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"--init {path}: its weights do not fit the model config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {wrong[:3]}); train with the checkpoint's own model config"
+        )
+    model.load_state_dict(src)
+
+
 class RunInUse(FileExistsError):
     """Another process is training into the run folder."""
 
@@ -215,6 +230,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train `model_cfg` with `train_cfg` into `run_dir`.
 
@@ -226,6 +242,9 @@ def train(
     schedule still spans `steps`: 10 steps with stop_after=10, then a resume to 20, equal 20 steps.
     Ctrl-C or SIGTERM stops after the current step with a checkpoint (`TrainResult.interrupted`).
     `on_step(step)` is called after every optimiser step (tests use it to simulate Ctrl-C).
+    `init` (a checkpoint or run folder, e.g. one `moekit convert` wrote) starts a new run from its weights
+    instead of a random init, with a fresh optimiser and schedule; its tensors must fit `model_cfg`. A resumed
+    run continues from its own checkpoint and ignores `init`.
     """
     run_dir = Path(run_dir)
     if resume and overwrite:
@@ -252,6 +271,7 @@ def train(
             stop_after=stop_after,
             on_step=on_step,
             stop=stop,
+            init=init,
         )
 
 
@@ -268,6 +288,7 @@ def _train(
     stop_after: int | None,
     on_step: Callable[[int], None] | None,
     stop: StopRequest,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """The loop of `train`, in a run folder already claimed."""
     train_log_path, eval_log_path = run_dir / "train.jsonl", run_dir / "eval.jsonl"
@@ -300,7 +321,11 @@ def _train(
         data_gen.set_state(st["data_rng"])
         start = int(st["step"])
     else:
-        model = MoELM(model_cfg).to(device)  # initialised on CPU: the same weights on every device
+        model = MoELM(model_cfg)  # initialised on CPU: the same weights on every device
+        if init is not None:
+            load_init(model, init)
+            meta = {**(meta or {}), "init": str(init)}
+        model = model.to(device)
         opt = make_optimizer(model, train_cfg)
     model.train()
     precision = autocast(device, train_cfg.dtype)

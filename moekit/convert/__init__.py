@@ -1,0 +1,13 @@
+"""Dense -> MoE conversion: sparse upcycling (`upcycle`), MoEfication splitting (`split`), Hugging Face dense
+decoders in (`hf_dense`), and `convert_run`, what `moekit convert` does. See docs/convert.md."""
+
+from moekit.convert.cluster import balanced_kmeans
+from moekit.convert.hf_dense import from_hf_dense, lm_config_from_hf, load_hf_dense
+from moekit.convert.source import DenseSource, check_dense, load_dense
+from moekit.convert.split import SplitConfig, SplitReport, split, split_ffn
+from moekit.convert.upcycle import UpcycleConfig, upcycle
+
+__all__ = [
+    "DenseSource", "SplitConfig", "SplitReport", "UpcycleConfig", "balanced_kmeans", "check_dense", "from_hf_dense",
+    "lm_config_from_hf", "load_dense", "load_hf_dense", "split", "split_ffn", "upcycle",
+]
