@@ -124,7 +124,7 @@ def allocate_ranks(spectra: dict[int, dict[str, Tensor]], shapes: dict[int, dict
         raise ValueError(f"decompose: the shared bases alone need {used:,d} parameters, more than the budget "
                          f"{budget:,d}; use a smaller ratio")
     while True:
-        best, best_gain = None, -1.0
+        best, best_gain = None, 0.0  # a rank that removes no error is not worth its parameters
         for b, spec in spectra.items():
             r = ranks[b]
             cost = lowrank_params(num_experts[b], shapes[b], r + 1) - lowrank_params(num_experts[b], shapes[b], r)

@@ -35,7 +35,7 @@ def test_compress_errors_write_nothing(trained_run, tmp_path):
     dst = tmp_path / "out" / "pruned"
     cases = [
         (["compress", "reap", trained_run, "--out", dst, "--ratio", "1.5"], "ratio"),
-        (["compress", "nope", trained_run, "--out", dst], "unknown pruning method 'nope'"),
+        (["compress", "nope", trained_run, "--out", dst], "unknown compression method 'nope'"),
         (["compress", "reap", trained_run, "--out", dst, "--ratio", "0.75"], "k=2"),
     ]
     for args, msg in cases:
@@ -53,4 +53,4 @@ def test_compress_errors_write_nothing(trained_run, tmp_path):
 def test_compress_list():
     r = invoke("compress", "--list")
     assert r.exit_code == 0
-    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "naee", "reap"]
+    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "mcsmoe", "naee", "reap", "svd"]
