@@ -128,3 +128,28 @@ def test_bad_input_changes_nothing():
         LowRankExperts(num_experts=2, dim=8, hidden=4, rank=9)
     with pytest.raises(ValueError, match="per block"):
         LowRankExperts(num_experts=2, dim=8, hidden=4, rank={"0": 1}, layer=1)
+
+
+def test_flops_per_token_by_hand():
+    low = LowRankExperts(num_experts=2, dim=8, hidden=12, rank=3)
+    load, T = torch.tensor([6.0, 4.0]), 10
+    base = 2 * (24 * 8 + 8 * 12)  # the two base projections, once per token
+    per_slot = 2 * (3 * (24 + 8) + 3 * (8 + 12))  # both rank-3 deltas
+    assert low.flops_per_token(load, T) == pytest.approx(base + per_slot * 10 / T)
+
+
+@torch.no_grad()
+def test_keep_experts_on_lowrank_experts_equals_keep_on_the_dense_ones():
+    from moekit.layers import MoE, keep_experts
+    from moekit.routing import build_router
+
+    torch.manual_seed(0)
+    moe = MoE(router=build_router("topk", dim=D, num_experts=E, k=2),
+              experts=decompose_experts(Experts(num_experts=E, dim=D, hidden=F_), 2)).eval()
+    dense = copy.deepcopy(moe)
+    dense.experts = moe.experts.materialize()
+    keep_experts(moe, [3, 0, 2])
+    keep_experts(dense, [3, 0, 2])
+    assert moe.experts.num_experts == 3 and moe.experts.gate_up_base.shape == (2 * F_, D)
+    x = torch.randn(7, D)
+    torch.testing.assert_close(moe(x)[0], dense(x)[0], atol=1e-5, rtol=0)
