@@ -1,5 +1,8 @@
-"""Compression of the reference MoE: every pruning method at 25% and 50% of experts removed (calibrated on three
-draws of training windows) and int8 / int4 quantized experts, against the uncompressed model and a unigram model.
+"""Compression of the reference MoE: every compression method (`--methods`, default all of
+`moekit.compress.methods.list_compressors()`: pruning, MC-SMoE merging, SVD decomposition) at 25% and 50% removed
+(of the experts; for `svd`, of the routed expert parameters; calibrated methods on three draws of training
+windows, `svd` once: it uses no calibration) and int8 / int4 quantized experts, against the uncompressed model and
+a unigram model.
 
     python benchmarks/compress.py                        # the `ref` budget's ref-moe (build it first:
                                                          #   moekit ref build --models ref-moe)
@@ -25,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
-from moekit.compress import calibrate, calibration_batches, list_methods, prune  # noqa: E402
+from moekit.compress import calibrate, calibration_batches  # noqa: E402
+from moekit.compress.methods import CompressOptions, get_compressor, list_compressors  # noqa: E402
 from moekit.compress.run import param_counts, validation_losses  # noqa: E402
 from moekit.data import prepare_data  # noqa: E402
 from moekit.ref import load  # noqa: E402
@@ -66,7 +70,7 @@ def main() -> None:
     ap.add_argument("--budget", default="ref", help="reference budget of the model (ref | smoke)")
     ap.add_argument("--model", default="ref-moe")
     ap.add_argument("--seed", type=int, default=0, help="the reference model's seed")
-    ap.add_argument("--methods", default=",".join(list_methods()))
+    ap.add_argument("--methods", default=",".join(list_compressors()), help="comma-separated compression methods")
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--calib-seeds", default="0,1,2", help="calibration draws (the spread of each row)")
     ap.add_argument("--calib-batches", type=int, default=16)
@@ -91,11 +95,14 @@ def main() -> None:
     seeds = [int(s) for s in args.calib_seeds.split(",") if s.strip()]
     for ratio in (float(r) for r in args.ratios.split(",") if r.strip()):
         for method in (m.strip() for m in args.methods.split(",") if m.strip()):
+            spec = get_compressor(method)
             losses = []
-            for s in seeds:
+            for s in seeds if spec.calibrated else seeds[:1]:
                 model = load(args.model, b.name, args.seed)
-                cal = calibrate(model, calibration_batches(data, args.calib_batches, b.seq_len, seed=s), seed=s)
-                prune(model, method, cal, ratio=ratio)
+                cal = None
+                if spec.calibrated:
+                    cal = calibrate(model, calibration_batches(data, args.calib_batches, b.seq_len, seed=s), seed=s)
+                spec.apply(model, cal, CompressOptions(ratio=ratio))
                 losses.append(validation_losses(model, windows, b.batch_size))
             mean = {k: statistics.fmean(x[k] for x in losses) for k in losses[0]}
             std = statistics.stdev([x["all"] for x in losses]) if len(losses) > 1 else 0.0
@@ -124,6 +131,7 @@ def main() -> None:
           f"`{args.model}` (budget `{args.budget}`, seed {args.seed}); calibration draws {seeds}, "
           f"{args.calib_batches} batches of 8 x {b.seq_len} training tokens each. Unigram baseline "
           f"{unigram['all']:.4f}; gap = unigram - uncompressed = {gap:.4f}.", "",
+          "(`svd` removes that share of the routed expert parameters, not of the experts.)", "",
           "| method | experts removed | val loss | spread (std over draws) | " + " | ".join(domains)
           + " | params | expert bytes | gap lost |",
           "|---|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|"]
