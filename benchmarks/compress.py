@@ -7,6 +7,7 @@ a unigram model.
     python benchmarks/compress.py                        # the `ref` budget's ref-moe (build it first:
                                                          #   moekit ref build --models ref-moe)
     python benchmarks/compress.py --budget smoke --out /tmp/compress   # seconds, the smoke reference models
+    python benchmarks/compress.py --run RUN --out /tmp/compress        # any trained moekit run folder instead
 
 Per row: validation loss overall and per domain (mean over calibration draws, and their spread), parameters,
 bytes of the routed experts, and the share of the model's loss gap to the unigram baseline that compression gave
@@ -21,6 +22,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from moekit.compress import calibrate, calibration_batches  # noqa: E402
 from moekit.compress.methods import CompressOptions, get_compressor, list_compressors  # noqa: E402
 from moekit.compress.run import param_counts, validation_losses  # noqa: E402
 from moekit.data import prepare_data  # noqa: E402
-from moekit.ref import load  # noqa: E402
+from moekit.ref import load as load_ref  # noqa: E402
 from moekit.ref.budgets import get_budget, ref_data_config  # noqa: E402
 from moekit.train.evaluate import validation_windows  # noqa: E402
 from moekit.utils.io import atomic_write_text  # noqa: E402
@@ -69,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", default="ref", help="reference budget of the model (ref | smoke)")
     ap.add_argument("--model", default="ref-moe")
+    ap.add_argument("--run", default=None, help="a trained moekit run folder to compress instead of a reference model")
     ap.add_argument("--seed", type=int, default=0, help="the reference model's seed")
     ap.add_argument("--methods", default=",".join(list_compressors()), help="comma-separated compression methods")
     ap.add_argument("--ratios", default="0.25,0.5")
@@ -79,8 +82,24 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/compress")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    b = get_budget(args.budget)
-    data = prepare_data(ref_data_config(b, args.seed), progress=False)
+    if args.run:  # the run's own model, data, validation windows and batch size
+        from moekit.data import DataConfig
+        from moekit.train.checkpoint import load_model, read_meta
+
+        meta = read_meta(args.run)
+        data = prepare_data(DataConfig(**meta["data"]), progress=False)
+        t = meta["train"]
+        b = SimpleNamespace(name=None, seq_len=t["seq_len"], eval_windows=t["eval_windows"],
+                            batch_size=t["batch_size"])
+
+        def load(*_: object) -> torch.nn.Module:
+            return load_model(args.run).eval()
+
+        args.model, args.budget = str(args.run), "run"
+    else:
+        b = get_budget(args.budget)
+        data = prepare_data(ref_data_config(b, args.seed), progress=False)
+        load = load_ref
     windows = validation_windows(data, b.seq_len, b.eval_windows)
     base = load(args.model, b.name, args.seed)
     before = validation_losses(base, windows, b.batch_size)
