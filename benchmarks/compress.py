@@ -1,9 +1,13 @@
-"""Compression of the reference MoE: every pruning method at 25% and 50% of experts removed (calibrated on three
-draws of training windows) and int8 / int4 quantized experts, against the uncompressed model and a unigram model.
+"""Compression of the reference MoE: every compression method (`--methods`, default all of
+`moekit.compress.methods.list_compressors()`: pruning, MC-SMoE merging, SVD decomposition) at 25% and 50% removed
+(of the experts; for `svd`, of the routed expert parameters; calibrated methods on three draws of training
+windows, `svd` once: it uses no calibration) and int8 / int4 quantized experts, against the uncompressed model and
+a unigram model.
 
     python benchmarks/compress.py                        # the `ref` budget's ref-moe (build it first:
                                                          #   moekit ref build --models ref-moe)
     python benchmarks/compress.py --budget smoke --out /tmp/compress   # seconds, the smoke reference models
+    python benchmarks/compress.py --run RUN --out /tmp/compress        # any trained moekit run folder instead
 
 Per row: validation loss overall and per domain (mean over calibration draws, and their spread), parameters,
 bytes of the routed experts, and the share of the model's loss gap to the unigram baseline that compression gave
@@ -18,6 +22,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,10 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
-from moekit.compress import calibrate, calibration_batches, list_methods, prune  # noqa: E402
+from moekit.compress import calibrate, calibration_batches  # noqa: E402
+from moekit.compress.methods import CompressOptions, get_compressor, list_compressors  # noqa: E402
 from moekit.compress.run import param_counts, validation_losses  # noqa: E402
 from moekit.data import prepare_data  # noqa: E402
-from moekit.ref import load  # noqa: E402
+from moekit.ref import load as load_ref  # noqa: E402
 from moekit.ref.budgets import get_budget, ref_data_config  # noqa: E402
 from moekit.train.evaluate import validation_windows  # noqa: E402
 from moekit.utils.io import atomic_write_text  # noqa: E402
@@ -65,8 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", default="ref", help="reference budget of the model (ref | smoke)")
     ap.add_argument("--model", default="ref-moe")
+    ap.add_argument("--run", default=None, help="a trained moekit run folder to compress instead of a reference model")
     ap.add_argument("--seed", type=int, default=0, help="the reference model's seed")
-    ap.add_argument("--methods", default=",".join(list_methods()))
+    ap.add_argument("--methods", default=",".join(list_compressors()), help="comma-separated compression methods")
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--calib-seeds", default="0,1,2", help="calibration draws (the spread of each row)")
     ap.add_argument("--calib-batches", type=int, default=16)
@@ -75,8 +82,24 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/compress")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    b = get_budget(args.budget)
-    data = prepare_data(ref_data_config(b, args.seed), progress=False)
+    if args.run:  # the run's own model, data, validation windows and batch size
+        from moekit.data import DataConfig
+        from moekit.train.checkpoint import load_model, read_meta
+
+        meta = read_meta(args.run)
+        data = prepare_data(DataConfig(**meta["data"]), progress=False)
+        t = meta["train"]
+        b = SimpleNamespace(name=None, seq_len=t["seq_len"], eval_windows=t["eval_windows"],
+                            batch_size=t["batch_size"])
+
+        def load(*_: object) -> torch.nn.Module:
+            return load_model(args.run).eval()
+
+        args.model, args.budget = str(args.run), "run"
+    else:
+        b = get_budget(args.budget)
+        data = prepare_data(ref_data_config(b, args.seed), progress=False)
+        load = load_ref
     windows = validation_windows(data, b.seq_len, b.eval_windows)
     base = load(args.model, b.name, args.seed)
     before = validation_losses(base, windows, b.batch_size)
@@ -91,11 +114,14 @@ def main() -> None:
     seeds = [int(s) for s in args.calib_seeds.split(",") if s.strip()]
     for ratio in (float(r) for r in args.ratios.split(",") if r.strip()):
         for method in (m.strip() for m in args.methods.split(",") if m.strip()):
+            spec = get_compressor(method)
             losses = []
-            for s in seeds:
+            for s in seeds if spec.calibrated else seeds[:1]:
                 model = load(args.model, b.name, args.seed)
-                cal = calibrate(model, calibration_batches(data, args.calib_batches, b.seq_len, seed=s), seed=s)
-                prune(model, method, cal, ratio=ratio)
+                cal = None
+                if spec.calibrated:
+                    cal = calibrate(model, calibration_batches(data, args.calib_batches, b.seq_len, seed=s), seed=s)
+                spec.apply(model, cal, CompressOptions(ratio=ratio))
                 losses.append(validation_losses(model, windows, b.batch_size))
             mean = {k: statistics.fmean(x[k] for x in losses) for k in losses[0]}
             std = statistics.stdev([x["all"] for x in losses]) if len(losses) > 1 else 0.0
@@ -124,6 +150,7 @@ def main() -> None:
           f"`{args.model}` (budget `{args.budget}`, seed {args.seed}); calibration draws {seeds}, "
           f"{args.calib_batches} batches of 8 x {b.seq_len} training tokens each. Unigram baseline "
           f"{unigram['all']:.4f}; gap = unigram - uncompressed = {gap:.4f}.", "",
+          "(`svd` removes that share of the routed expert parameters, not of the experts.)", "",
           "| method | experts removed | val loss | spread (std over draws) | " + " | ".join(domains)
           + " | params | expert bytes | gap lost |",
           "|---|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|"]

@@ -8,6 +8,9 @@ Per MoE layer (hooks on each `MoE` module, model in eval mode, no gradients):
 - `peak [E]`: the largest |expert output| over routed slots (the super-expert rule's activation maxima);
 - `logits_sum [E]`, `probs_sum [E]`: router logits and softmax probabilities summed over tokens (means
   via `mean_logits()` / `mean_probs()`, for similarity-based methods);
+- `logits_gram [E, E]`: sum over tokens of l l^T, l the token's router logits (E x E numbers, with the
+  "logits" record): the cosine similarity of the experts' router-logit columns over the calibration tokens,
+  `logit_similarity()`, is what MC-SMoE groups experts by;
 - `ratios`: for tokens with two or more filled slots, the second-largest weight over the largest (NAEE's
   dynamic-skipping statistic), a bounded seeded subsample;
 - `inputs [N, D]`: a bounded seeded uniform subsample (reservoir) of the MoE layer's input rows, for
@@ -46,6 +49,7 @@ class LayerStats:
     ratios: Tensor | None = None  # [M] second weight / top weight, subsample (M <= max_rows)
     seen_inputs: int = 0  # rows offered to the inputs reservoir
     seen_ratios: int = 0  # ratios offered to the ratios reservoir
+    logits_gram: Tensor | None = None  # [E, E] float64 sum over tokens of logits^T logits ("logits" record)
 
     @property
     def num_experts(self) -> int:
@@ -65,6 +69,14 @@ class LayerStats:
 
     def mean_probs(self) -> Tensor:
         return self.probs_sum / max(self.tokens, 1)
+
+    def logit_similarity(self) -> Tensor:
+        """[E, E] cosine similarity of the experts' router-logit columns over the calibration tokens (0 for an
+        expert whose logits were all 0). Needs the "logits" record."""
+        if self.logits_gram is None:
+            raise ValueError(f"block {self.block}: the calibration did not record router logits (record 'logits')")
+        norm = self.logits_gram.diagonal().clamp_min(0).sqrt()
+        return self.logits_gram / (norm[:, None] * norm[None, :]).clamp_min(1e-30)
 
     def skip_beta(self) -> float:
         """NAEE's beta: the median of the calibration's second-over-top weight ratios (0 when no token
@@ -179,6 +191,8 @@ def calibrate(
                 logits = routing.logits[:, :E].float()
                 s.logits_sum += logits.sum(0).cpu()
                 s.probs_sum += torch.softmax(logits, dim=-1).sum(0).cpu()
+                gram = (logits.double().t() @ logits.double()).cpu()  # [E, T] x [T, E] -> [E, E]
+                s.logits_gram = gram if s.logits_gram is None else s.logits_gram + gram
             if "saliency" in record and routed.any():
                 rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])[routed]
                 e = flat[routed]

@@ -73,6 +73,15 @@ def kept_count(num_experts: int, ratio: float) -> int:
     return num_experts - removed
 
 
+def check_router_k(layers: list[tuple[int, MoE]], keep: int, ratio: float, who: str) -> None:
+    """ValueError when a layer's router chooses more experts per token than the `keep` left."""
+    for b, layer in layers:
+        k = max((getattr(r, "nominal_k", None) or getattr(r, "k", 0) or 0) for r in layer.routers)
+        if k > keep:
+            raise ValueError(f"{who}: the router of block {b} chooses k={k} experts per token, more than the "
+                             f"{keep} kept of {layer.experts.num_experts} (ratio {ratio}); use a smaller ratio")
+
+
 def top_scored(scores: Tensor, keep: int, protected: list[int]) -> list[int]:
     """The `protected` experts, then the highest `scores` [E] (ties: lower id first), `keep` in all."""
     rest = [e for e in sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e)) if e not in protected]
@@ -105,6 +114,21 @@ class PruneResult:
     protected: dict[int, list[int]] = field(default_factory=dict)  # block -> super experts kept by protection
     never_routed: dict[int, list[int]] = field(default_factory=dict)  # block -> experts calibration never routed
 
+    def lines(self) -> list[str]:
+        """The report's heading: what was removed, kept, protected."""
+        out = [f"{self.method}: removed {self.ratio:g} of the experts per MoE layer "
+               f"(kept per block: {', '.join(f'{b}: {ids}' for b, ids in self.kept.items())})"]
+        if self.protected:
+            out.append(f"protected super experts: {self.protected}")
+        if self.never_routed:
+            out.append(f"never routed in calibration: {self.never_routed}")
+        return out
+
+    def record(self) -> dict:
+        """What the compressed checkpoint's config.json keeps."""
+        return {"method": self.method, "ratio": self.ratio, "kept": {str(b): ids for b, ids in self.kept.items()},
+                "protected": {str(b): ids for b, ids in self.protected.items()}}
+
 
 def prune(
     model: nn.Module,
@@ -130,14 +154,11 @@ def prune(
         raise ValueError(f"prune: every MoE layer must have the same number of experts, got {sorted(counts)}")
     E = counts.pop()
     keep = kept_count(E, ratio)
-    for b, layer in layers:
+    for b, _ in layers:
         if calibration.layer(b).num_experts != E:
             raise ValueError(f"prune: calibration of block {b} has {calibration.layer(b).num_experts} experts, "
                              f"the layer {E} (calibrate the model you prune)")
-        k = max((getattr(r, "nominal_k", None) or getattr(r, "k", 0) or 0) for r in layer.routers)
-        if k > keep:
-            raise ValueError(f"prune: the router of block {b} chooses k={k} experts per token, more than the "
-                             f"{keep} kept of {E} (ratio {ratio}); use a smaller ratio")
+    check_router_k(layers, keep, ratio, "prune")
     protected = super_experts(calibration) if protect_super_experts else {}
     for b, ids in protected.items():
         if len(ids) > keep:

@@ -1,6 +1,7 @@
-"""Compress a moekit run folder into a new run folder (what `moekit compress` does).
+"""Compress a moekit run folder into a new run folder (what `moekit compress` does), by any method of
+`moekit.compress.methods` (pruning, MC-SMoE merging, SVD decomposition).
 
-The new folder holds `checkpoint/` (the pruned model; config.json keeps the source's train and data configs,
+The new folder holds `checkpoint/` (the compressed model; config.json keeps the source's train and data configs,
 so `moekit eval DST` evaluates it on the same validation windows, plus a "compress" record) and the
 source's `tokenizer.json`. It is written to a temporary folder beside DST and renamed into place: a failure
 leaves nothing behind, and an existing DST is refused unless `force`.
@@ -12,11 +13,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from moekit.compress.calibrate import calibrate, calibration_batches, moe_layers
-from moekit.compress.prune import PruneResult, get_method, kept_count, prune
+from moekit.compress.methods import CompressOptions, get_compressor
 from moekit.utils.io import replace_dir
 
 
@@ -39,20 +41,14 @@ def validation_losses(model: nn.Module, windows: dict, batch_size: int) -> dict[
 class CompressReport:
     """Before/after numbers of one compression."""
 
-    result: PruneResult
+    result: Any  # PruneResult, MergeResult or DecomposeResult: has lines() and record()
     params: tuple[int, int]  # before: total, MoE
     params_after: tuple[int, int]
     loss: dict[str, float] = field(default_factory=dict)  # label (and "all") -> validation loss before
     loss_after: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        r = self.result
-        lines = [f"{r.method}: removed {r.ratio:g} of the experts per MoE layer "
-                 f"(kept per block: {', '.join(f'{b}: {ids}' for b, ids in r.kept.items())})"]
-        if r.protected:
-            lines.append(f"protected super experts: {r.protected}")
-        if r.never_routed:
-            lines.append(f"never routed in calibration: {r.never_routed}")
+        lines = list(self.result.lines())
         lines.append(f"{'':20s} {'before':>12s} {'after':>12s}")
         for label in self.loss:
             lines.append(f"{'loss ' + label:20s} {self.loss[label]:12.4f} {self.loss_after[label]:12.4f}")
@@ -61,16 +57,27 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float, calib_batches: int = 16,
+def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float | None = None,
+                 rank: int | None = None, sparsity: float = 0.0, calib_batches: int = 16,
                  calib_seq_len: int | None = None, calib_batch_size: int = 8, protect_super_experts: bool = True,
                  evaluate: bool = True, force: bool = False, seed: int = 0) -> CompressReport:
-    """Prune the model of `run` with `method` at `ratio` (calibrated on `calib_batches` windows of the run's
-    train split) and write the result as the run folder `out`; see the module docstring."""
+    """Compress the model of `run` with `method` (`moekit.compress.methods.list_compressors()`) and write the
+    result as the run folder `out`; see the module docstring.
+
+    Args:
+        ratio: fraction removed: of the experts per layer (pruning, mcsmoe; default 0.25) or of the routed
+            expert parameters (svd, when no `rank`).
+        rank: svd: the rank of every layer's deltas; mcsmoe: the rank of its low-rank + sparse step (None: none).
+        sparsity: mcsmoe: fraction of the low-rank residual's entries zeroed in that step.
+        calib_batches, calib_seq_len, calib_batch_size, seed: the calibration windows of the run's train split
+            (methods that calibrate).
+    """
     from moekit.data import DataConfig, prepare_data
     from moekit.train.checkpoint import CKPT, checkpoint_dir, load_model, read_meta, save_checkpoint
     from moekit.train.evaluate import validation_windows
 
-    get_method(method)  # unknown names fail before anything is read
+    spec = get_compressor(method)  # unknown names fail before anything is read
+    opts = CompressOptions(ratio=ratio, rank=rank, sparsity=sparsity, protect_super_experts=protect_super_experts)
     if calib_batches < 1:
         raise ValueError(f"--calib-batches must be >= 1, got {calib_batches}")
     out = Path(out)
@@ -81,25 +88,27 @@ def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float,
     meta = read_meta(ckpt)
     model = load_model(ckpt)
     if not moe_layers(model):
-        raise ValueError(f"{run}: the model is dense (num_experts=0); there are no experts to prune")
-    kept_count(model.config.num_experts, ratio)  # a bad ratio fails before data is prepared
+        raise ValueError(f"{run}: the model is dense (num_experts=0); there are no experts to compress")
+    spec.check(model, opts)  # bad options fail before data is prepared
     train, data_cfg = meta.get("train"), meta.get("data")
     if not isinstance(train, dict) or not isinstance(data_cfg, dict):
         raise ValueError(f"{ckpt / 'config.json'}: no train or data config (not a training run)")
     data = prepare_data(DataConfig(**data_cfg), progress=False)
     seq_len = calib_seq_len or train["seq_len"]
-    cal = calibrate(model, calibration_batches(data, calib_batches, seq_len, batch_size=calib_batch_size, seed=seed),
-                    seed=seed)
+    cal = None
+    if spec.calibrated:
+        cal = calibrate(model, calibration_batches(data, calib_batches, seq_len, batch_size=calib_batch_size,
+                                                   seed=seed), seed=seed)
     windows = validation_windows(data, train["seq_len"], train["eval_windows"]) if evaluate else None
     before = param_counts(model)
     loss = validation_losses(model, windows, train["batch_size"]) if windows is not None else {}
-    result = prune(model, method, cal, ratio=ratio, protect_super_experts=protect_super_experts)
+    result = spec.apply(model, cal, opts)
     report = CompressReport(result, before, param_counts(model), loss)
     if windows is not None:
         report.loss_after = validation_losses(model, windows, train["batch_size"])
-    record = {"method": method, "ratio": ratio, "source": str(run_dir), "kept": {str(b): ids for b, ids in
-              result.kept.items()}, "protected": {str(b): ids for b, ids in result.protected.items()},
-              "calib_batches": calib_batches, "calib_seq_len": seq_len}
+    record = {**result.record(), "source": str(run_dir)}
+    if spec.calibrated:
+        record.update(calib_batches=calib_batches, calib_seq_len=seq_len)
     new_meta = {k: v for k, v in meta.items() if k != "model"}
     new_meta["compress"] = [*meta.get("compress", []), record]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,13 @@
 "ffn" is the standard fused `Experts` (the dispatch backends apply); the others change what an expert
 is: "film" (MoFME feature-modulated experts), "smear" (SMEAR merged experts), "duo" (Duo-LLM big and
 small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `autonomy` router), "hecto"
-(Hecto GRU + FFN experts). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
+(Hecto GRU + FFN experts), "lowrank" (a shared base plus per-expert low-rank deltas, what expert decomposition
+writes: moekit.compress.decompose). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
 keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant that needs more names the
 keywords in its signature ("hecto": `seq_len`, `cache`, `layer`, `iteration`), and `MoE` passes them
 (`moekit.layers.moe.EXPERTS_KEYWORDS`). A variant that needs whole sequences says `needs_full_sequence = True`.
+A variant whose constructor takes `layer` gets the block index it is built for (so a config can hold per-layer
+sizes: "lowrank"'s per-block ranks).
 Every variant declares `flops_per_token(load [E], tokens) -> float`, its routed experts' forward FLOPs per
 token given the token-slots each expert processed (what `moekit.bench` counts as active expert compute).
 """
@@ -23,6 +26,7 @@ from moekit.layers.duo import DuoExperts
 from moekit.layers.experts import Experts
 from moekit.layers.film import FiLMExperts
 from moekit.layers.hecto import HectoExperts
+from moekit.layers.lowrank import LowRankExperts
 from moekit.layers.smear import SmearExperts
 from moekit.utils.registry import Registry
 
@@ -35,6 +39,7 @@ register_experts("smear")(SmearExperts)
 register_experts("duo")(DuoExperts)
 register_experts("autonomy")(AutonomyExperts)
 register_experts("hecto")(HectoExperts)
+register_experts("lowrank")(LowRankExperts)
 
 
 def build_experts(
@@ -45,12 +50,17 @@ def build_experts(
     hidden: int,
     activation: str = "silu",
     backend: str = "auto",
+    layer: int | None = None,
     **args: Any,
 ) -> nn.Module:
-    """The experts variant `name`; `backend` goes to variants that take it ("ffn"). Unknown names list the known
-    ones (`UnknownNameError`, a ValueError)."""
+    """The experts variant `name`; `backend` goes to variants that take it ("ffn"), `layer` (the block index) to
+    variants whose constructor takes it ("lowrank"). Unknown names list the known ones (`UnknownNameError`, a
+    ValueError)."""
     cls = EXPERTS_VARIANTS.get(name)
     common = dict(num_experts=num_experts, dim=dim, hidden=hidden, activation=activation)
-    if "backend" in inspect.signature(cls).parameters:  # variants that use the dispatch backends
+    params = inspect.signature(cls).parameters
+    if "backend" in params:  # variants that use the dispatch backends
         common["backend"] = backend
+    if "layer" in params and layer is not None:
+        common["layer"] = layer
     return cls(**common, **args)

@@ -52,7 +52,7 @@ class LMConfig:
     capacity_priority: str = "order"  # which slots win when an expert overflows: "order" | "weight"
     dispatch: str = "auto"  # dispatch backend (moekit.layers.list_backends())
     moe_iterations: int = 1  # Chain-of-Experts: each MoE layer applies its experts this many times, re-routed each time
-    experts: str = "ffn"  # routed experts variant: "ffn" | "film" | "smear" | "duo" | "autonomy" (layers.variants)
+    experts: str = "ffn"  # routed experts variant: "ffn", "film", "lowrank", ... (layers.variants)
     experts_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the experts variant
     share_blocks: bool = False  # WideNet: all blocks reuse block 0's attention and FFN/MoE; norms stay per block
     # Mixture-of-Depths (Raposo et al. 2024): in every mod_every-th block a router lets tokens skip the block

@@ -139,11 +139,11 @@ class Attention(nn.Module):
         return self.out(out)
 
 
-def routed_experts(cfg: LMConfig) -> nn.Module:
-    """The routed experts of an MoE layer: `Experts`, or the variant named by `cfg.experts`."""
+def routed_experts(cfg: LMConfig, layer: int | None = None) -> nn.Module:
+    """The routed experts of the MoE layer of block `layer`: `Experts`, or the variant named by `cfg.experts`."""
     return build_experts(
         cfg.experts, num_experts=cfg.num_experts, dim=cfg.dim, hidden=cfg.expert_hidden, activation=cfg.activation,
-        backend=cfg.dispatch, **cfg.experts_args,
+        backend=cfg.dispatch, layer=layer, **cfg.experts_args,
     )
 
 
@@ -161,7 +161,7 @@ def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
     return MoE(
         # Chain-of-Experts (moe_iterations > 1): one router per iteration, the experts shared
         router=routers if cfg.moe_iterations > 1 else routers[0],
-        experts=routed_experts(cfg),
+        experts=routed_experts(cfg, layer),
         shared_experts=shared,
         shared_gate=cfg.shared_gate,
         capacity_factor=cfg.capacity_factor,

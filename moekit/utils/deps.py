@@ -57,6 +57,7 @@ OPTIONAL: dict[str, OptionalPackage] = {
     "uvicorn": OptionalPackage("uvicorn", "the router server", "llmroute"),
     "httpx": OptionalPackage("httpx", "forwarding requests to backends", "llmroute"),
     "yaml": OptionalPackage("pyyaml", "reading YAML configs and price tables", "llmroute"),
+    "scipy": OptionalPackage("scipy", "MC-SMoE neuron alignment (linear assignment)", "compress"),
     "compressed_tensors": OptionalPackage(
         "compressed-tensors", "quantizing experts (the compressed-tensors format)", "compress"
     ),

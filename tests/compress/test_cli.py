@@ -35,7 +35,7 @@ def test_compress_errors_write_nothing(trained_run, tmp_path):
     dst = tmp_path / "out" / "pruned"
     cases = [
         (["compress", "reap", trained_run, "--out", dst, "--ratio", "1.5"], "ratio"),
-        (["compress", "nope", trained_run, "--out", dst], "unknown pruning method 'nope'"),
+        (["compress", "nope", trained_run, "--out", dst], "unknown compression method 'nope'"),
         (["compress", "reap", trained_run, "--out", dst, "--ratio", "0.75"], "k=2"),
     ]
     for args, msg in cases:
@@ -53,4 +53,38 @@ def test_compress_errors_write_nothing(trained_run, tmp_path):
 def test_compress_list():
     r = invoke("compress", "--list")
     assert r.exit_code == 0
-    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "naee", "reap"]
+    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "mcsmoe", "naee", "reap", "svd"]
+
+
+def test_compress_merge_and_decompose_write_runs_eval_reads(trained_run, tmp_path):
+    merged = tmp_path / "merged"
+    r = invoke("compress", "mcsmoe", trained_run, "--out", merged, "--ratio", "0.25", "--calib-batches", "2")
+    assert r.exit_code == 0, r.output
+    assert "mcsmoe: merged 0.25" in r.output and "loss all" in r.output
+    assert load_model(merged).config.num_experts == 3
+    svd = tmp_path / "svd"
+    r = invoke("compress", "svd", trained_run, "--out", svd, "--rank", "2", "--no-eval")
+    assert r.exit_code == 0, r.output
+    model = load_model(svd)
+    assert model.config.experts == "lowrank" and set(model.config.experts_args["rank"].values()) == {2}
+    e = invoke("eval", svd)
+    assert e.exit_code == 0 and "validation loss" in e.output, e.output
+
+
+def test_compress_merge_and_decompose_errors_write_nothing(trained_run, tmp_path):
+    dst = tmp_path / "out" / "x"
+    cases = [
+        (["compress", "svd", trained_run, "--out", dst, "--rank", "-1"], "rank"),
+        (["compress", "svd", trained_run, "--out", dst, "--rank", "100000"], "rank must be an integer in"),
+        (["compress", "svd", trained_run, "--out", dst, "--ratio", "1.0"], "ratio"),
+        (["compress", "svd", trained_run, "--out", dst, "--ratio", "0.5", "--rank", "1"], "not both"),
+        (["compress", "mcsmoe", trained_run, "--out", dst, "--ratio", "0"], "ratio"),
+        (["compress", "mcsmoe", trained_run, "--out", dst, "--rank", "100000"], "rank"),
+        (["compress", "mcsmoe", trained_run, "--out", dst, "--rank", "1", "--sparsity", "2"], "sparsity"),
+    ]
+    for args, msg in cases:
+        r = invoke(*args)
+        assert r.exit_code == 1 and msg in r.output, (args, r.output)
+        assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
+        assert not dst.exists()
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

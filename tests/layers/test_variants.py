@@ -106,6 +106,7 @@ def test_autonomy_equals_experts_with_factorised_gate():
         ("smear", "smear", {}, {}, 4),
         ("duo", "null_experts", {"k": 1, "num_null": 1, "normalize": False}, {"small_hidden": 4}, 2),
         ("autonomy", "autonomy", {"k": 2, "rank": 4}, {"rank": 4}, 4),
+        ("lowrank", "topk", {"k": 2}, {"rank": {"0": 3, "1": 1}}, 4),
     ],
 )
 def test_lm_builds_and_trains_with_each_variant(experts, router, router_args, experts_args, E_):
@@ -114,7 +115,7 @@ def test_lm_builds_and_trains_with_each_variant(experts, router, router_args, ex
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     model = MoELM(cfg)
     assert type(model.layers[0].mlp.experts).__name__ == type(build_experts(experts, num_experts=E_, dim=32,
-                                                                          hidden=16, **experts_args)).__name__
+                                                                          hidden=16, layer=0, **experts_args)).__name__
     ids = torch.randint(0, 64, (2, 8))
     out = model(ids, targets=ids)
     (out.loss + out.aux_loss).backward()
@@ -143,6 +144,7 @@ def test_every_variant_declares_its_flops_per_token():
         "film": gated,  # the shared FFN once per token
         "duo": 2 * 3 * D_ * (F_ * 6 + 3 * 4) / T_,  # big (F) and small (F // 4 = 3) experts
         "hecto": (gated * 6 + 2 * (3 * (D_ * 5 + 5 * 5) + 5 * D_) * 4) / T_,  # FFN, then GRU of hidden 5
+        "lowrank": gated,  # rank 0 (default): the shared base once per token, no per-slot delta
     }
     assert set(expected) == set(variants.EXPERTS_VARIANTS)
     for name, want in expected.items():

@@ -264,11 +264,13 @@ def test_compress_benchmark_unigram_by_hand_and_smoke_run(cache, tmp_path, monke
     assert u["a"] == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2) and u["all"] == pytest.approx(u["a"])
     root, _ = cache
     monkeypatch.setenv("MOEKIT_CACHE", str(root))
-    monkeypatch.setattr("sys.argv", ["compress.py", "--budget", "smoke", "--methods", "frequency", "--ratios", "0.25",
-                                     "--calib-seeds", "0,1", "--calib-batches", "2", "--quant", "8",
+    monkeypatch.setattr("sys.argv", ["compress.py", "--budget", "smoke", "--methods", "frequency,mcsmoe,svd",
+                                     "--ratios", "0.25", "--calib-seeds", "0,1", "--calib-batches", "2", "--quant", "8",
                                      "--threads", "1", "--out", str(tmp_path / "c")])
     bench.main()
     rows = json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["none", "frequency", "int8 experts"]
-    assert rows[1]["params"] < rows[0]["params"] and rows[2]["expert_bytes"] < rows[0]["expert_bytes"] / 3
+    assert [r["method"] for r in rows] == ["none", "frequency", "mcsmoe", "svd", "int8 experts"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[4]["expert_bytes"] < rows[0]["expert_bytes"] / 3
+    assert rows[2]["params"] == rows[1]["params"] and len(rows[2]["loss_per_seed"]) == 2
+    assert len(rows[3]["loss_per_seed"]) == 1 and rows[3]["expert_bytes"] <= 0.75 * rows[0]["expert_bytes"]
     assert len(rows[1]["loss_per_seed"]) == 2 and "| frequency | 25% |" in (tmp_path / "c" / "compress.md").read_text()
