@@ -49,6 +49,8 @@ class CompressReport:
         r = self.result
         lines = [f"{r.method}: removed {r.ratio:g} of the experts per MoE layer "
                  f"(kept per block: {', '.join(f'{b}: {ids}' for b, ids in r.kept.items())})"]
+        if r.router_args:
+            lines.append(f"router arguments changed with the kept experts: {r.router_args}")
         if r.protected:
             lines.append(f"protected super experts: {r.protected}")
         if r.never_routed:
