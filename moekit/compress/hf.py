@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -203,10 +205,12 @@ def compress_hf(method: str, src: str | Path, out: str | Path, *, ratio: float, 
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     if not mh.is_hf_dir(src):
         raise ValueError(f"{src}: not a Hugging Face checkpoint folder (config.json with a model_type)")
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
+    kept_count(mh.describe(src)["num_experts"], ratio)  # a bad ratio fails before the model is read
+    if calib is not None and not Path(calib).is_file():
+        raise FileNotFoundError(f"--calib {calib}: no such file")
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
     mh.patch(model)
-    E = {layer.experts.num_experts for layer in mh.patched_layers(model)}
-    kept_count(min(E), ratio)  # a bad ratio fails before calibration
     tokenizer = load_tokenizer(src)
     tokens = calibration_tokens(tokenizer, calib, max_chars=calib_chars, seed=seed)
     stream, windows = split_tokens(tokens, calib_seq_len, val_windows if evaluate else 0)
@@ -223,5 +227,20 @@ def compress_hf(method: str, src: str | Path, out: str | Path, *, ratio: float, 
               "family": family_name(model), "calib": str(calib) if calib else "builtin",
               "calib_tokens": int(min(len(stream), calib_batches * calib_batch_size * seq_len)), "seq_len": seq_len}
     record = json.loads(json.dumps(record, default=str))  # int block keys -> str
-    save_hf(model, out, force=force, tokenizer=tokenizer, record=record)
+    with _quiet_transformers():
+        save_hf(model, out, force=force, tokenizer=tokenizer, record=record)
     return report
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own loading / writing progress bars off (the CLI prints its table)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
