@@ -186,3 +186,30 @@ def test_calibration_tokens_from_files(tmp_path):
     stream, val = split_tokens({"a": torch.arange(40), "b": torch.arange(5)}, seq_len=4, val_windows=2)
     assert val["a"].tolist() == [list(range(30, 35)), list(range(35, 40))] and "b" not in val
     assert stream.tolist() == list(range(30)) + list(range(5))
+
+
+OTHER_FAMILIES = ["qwen2_moe", "jamba", "granitemoe", "minimax", "flex_olmo", "mellum", "qwen3_next", "glm4_moe",
+                  "glm4_moe_lite", "glm_moe_dsa", "dots1", "deepseek_v32", "solar_open", "hy_v4", "granitemoeshared",
+                  "granitemoehybrid", "exaone_moe"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_every_other_family_prunes_and_reloads(family, tmp_path):
+    model = mh.patch(tiny_model(family))
+    b = batches(2)
+    prune(model, "reap", calibrate(model, b), ratio=0.25)
+    with torch.no_grad():
+        want = model(b[0]).logits
+    save_hf(model, tmp_path / "o")
+    with torch.no_grad():
+        torch.testing.assert_close(reload(tmp_path / "o")(b[0]).logits, want, **TOL)
+
+
+def test_calibration_text_file_uses_the_tokenizer(tmp_path):
+    from tests.compress.test_cli_hf import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    (tmp_path / "t.txt").write_text("the quick brown fox")
+    ids = calibration_tokens(tok, tmp_path / "t.txt")["calib"]
+    assert ids.tolist() == tok("the quick brown fox", add_special_tokens=False)["input_ids"] and len(ids) >= 4
