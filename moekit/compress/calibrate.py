@@ -1,5 +1,5 @@
-"""Calibration: stream token batches through a moekit LM and record, per MoE layer, what the pruning
-methods need (issue 14).
+"""Calibration: stream token batches through a moekit LM (or a patched Hugging Face model) and record, per
+MoE layer, what the pruning methods need (issue 14).
 
 Per MoE layer (hooks on each `MoE` module, model in eval mode, no gradients):
 - `counts [E]`: token-slots routed to each expert (routing frequency);
@@ -106,13 +106,25 @@ class Calibration:
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
-    """(block index, MoE layer) of a moekit LM, in order; a shared (WideNet) layer counts once."""
+    """(block index, MoE layer) in order: the MoE layers of a moekit LM (a shared WideNet layer counts once),
+    or else every module that holds a moekit MoE as its `moe` (a patched Hugging Face block,
+    `moekit.hf.PatchedMoE`), its block the last integer of its module name ("model.layers.3.mlp" -> 3)."""
     out, seen = [], set()
     for i, block in enumerate(getattr(model, "layers", [])):
         mlp = getattr(block, "mlp", None)
         if isinstance(mlp, MoE) and id(mlp) not in seen:
             seen.add(id(mlp))
             out.append((i, mlp))
+    if out:
+        return out
+    for name, module in model.named_modules():
+        moe = module.__dict__.get("moe")
+        if isinstance(moe, MoE) and id(moe) not in seen:
+            seen.add(id(moe))
+            numbers = [int(p) for p in name.split(".") if p.isdigit()]
+            out.append((numbers[-1] if numbers else len(out), moe))
+    if len({b for b, _ in out}) != len(out):  # names without distinct layer numbers: number in order
+        out = list(enumerate(m for _, m in out))
     return out
 
 
@@ -153,7 +165,8 @@ def calibrate(
     max_rows: int = 2048,
     seed: int = 0,
 ) -> Calibration:
-    """Stream `batches` (LongTensor [B, T] token ids) through `model` (a moekit `MoELM`) and record the
+    """Stream `batches` (LongTensor [B, T] token ids) through `model` (a moekit `MoELM` or a patched Hugging
+    Face model, `moekit.hf.patch`) and record the
     statistics of `record` (a subset of `RECORDS`; counts always) for every MoE layer.
 
     Args:

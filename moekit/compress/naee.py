@@ -35,7 +35,8 @@ def reconstruction_error(layer: MoE, x: Tensor, ids: Sequence[int], reference: T
     if reference is None:
         reference = layer(x)[0]
     pruned = copy.deepcopy(layer)
-    keep_experts(pruned, list(ids))
+    regroup = getattr(pruned.router, "regroup", None)  # e.g. DeepSeek's groups for this subset (as `prune` asks)
+    keep_experts(pruned, list(ids), router_args=(regroup([[i] for i in ids]) or None) if regroup else None)
     return float((pruned(x)[0] - reference).float().pow(2).sum(-1).mean())
 
 

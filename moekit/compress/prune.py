@@ -1,9 +1,10 @@
-"""Expert pruning of moekit LMs: the methods' registry, super-expert protection, and applying the kept
-experts with `keep_experts` (DESIGN.md, contract 6).
+"""Expert pruning of moekit LMs and patched Hugging Face models: the methods' registry, super-expert
+protection, and applying the kept experts with `keep_experts` (DESIGN.md, contract 6).
 
 A method scores or searches each MoE layer on a `Calibration` and returns the expert ids to keep; `prune`
-then keeps the same number of experts in every MoE layer (`LMConfig` holds one `num_experts`) and updates
-`model.config.num_experts`, so `save_checkpoint` / `load_model` round-trip the pruned model.
+then keeps the same number of experts in every MoE layer (`LMConfig` and Hugging Face configs hold one expert
+count) and updates a moekit LM's `model.config.num_experts`, so `save_checkpoint` / `load_model` round-trip the
+pruned model; a patched Hugging Face model saves with `moekit.hf.save` (`moekit.compress.hf`).
 
 Super experts (Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models") are
 protected by default: the rule of `moekit.analyze.metrics.experts.super_experts` (an expert's peak |output|
@@ -14,9 +15,11 @@ on the calibration's activation maxima (`LayerStats.peak`) instead of a trace.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +27,8 @@ from torch import Tensor, nn
 from moekit.compress.calibrate import Calibration, LayerStats, moe_layers
 from moekit.layers.moe import MoE
 from moekit.layers.surgery import keep_experts
+from moekit.models.config import LMConfig
+from moekit.routing.registry import build_router, router_config
 
 # name -> select(layer, stats, keep, protected) -> kept expert ids (any order; `prune` sorts them)
 Selector = Callable[[MoE, LayerStats, int, list[int]], list[int]]
@@ -113,11 +118,15 @@ class PruneResult:
     kept: dict[int, list[int]]  # block -> old ids of the kept experts (new expert j is kept[j])
     protected: dict[int, list[int]] = field(default_factory=dict)  # block -> super experts kept by protection
     never_routed: dict[int, list[int]] = field(default_factory=dict)  # block -> experts calibration never routed
+    router_args: dict[int, dict[str, Any]] = field(default_factory=dict)  # block -> router arguments changed with
+    # the expert set (e.g. DeepSeek's new n_group / topk_group); blocks without changes are left out
 
     def lines(self) -> list[str]:
         """The report's heading: what was removed, kept, protected."""
         out = [f"{self.method}: removed {self.ratio:g} of the experts per MoE layer "
                f"(kept per block: {', '.join(f'{b}: {ids}' for b, ids in self.kept.items())})"]
+        if self.router_args:
+            out.append(f"router arguments changed with the kept experts: {self.router_args}")
         if self.protected:
             out.append(f"protected super experts: {self.protected}")
         if self.never_routed:
@@ -137,10 +146,17 @@ def prune(
     *,
     ratio: float,
     protect_super_experts: bool = True,
+    router_args: dict[str, Any] | None = None,
 ) -> PruneResult:
-    """Remove the fraction `ratio` of experts in every MoE layer of `model` (a moekit `MoELM`), chosen by
-    `method` (see `list_methods()`) on `calibration` (of this model); in place. Nothing changes when it
-    raises (a bad ratio, a router `k` larger than the kept count, too many super experts to keep)."""
+    """Remove the fraction `ratio` of experts in every MoE layer of `model` (a moekit `MoELM` or a patched
+    Hugging Face model), chosen by `method` (see `list_methods()`) on `calibration` (of this model); in place.
+
+    router_args: router arguments to set with the kept experts in every layer; None asks each router
+    (its `regroup(sources, force=...)`, e.g. DeepSeek's groups, so they stay valid), giving every layer
+    the same arguments (a Hugging Face config holds one value for all layers).
+    A moekit LM's `config.num_experts` is updated; a Hugging Face model's config is updated when saved
+    (`moekit.hf.save`). Nothing changes when it raises (a bad ratio, a router `k` larger than the kept
+    count, too many super experts to keep, router arguments the router refuses)."""
     select = get_method(method)
     layers = moe_layers(model)
     if not layers:
@@ -170,8 +186,42 @@ def prune(
         if len(ids) != keep or len(set(ids)) != keep:
             raise RuntimeError(f"prune: method {method!r} chose {ids} in block {b}, expected {keep} distinct ids")
         kept[b] = ids
+    args = _kept_router_args(layers, kept, router_args)
     for b, layer in layers:
-        keep_experts(layer, kept[b])
-    if hasattr(model, "config") and dataclasses.is_dataclass(model.config):
+        keep_experts(layer, kept[b], router_args=args[b] or None)
+    if isinstance(getattr(model, "config", None), LMConfig):
         model.config = dataclasses.replace(model.config, num_experts=keep)
-    return PruneResult(method, ratio, kept, protected, calibration.never_routed)
+    return PruneResult(method, ratio, kept, protected, calibration.never_routed,
+                       {b: a for b, a in args.items() if a})
+
+
+def _kept_router_args(layers: list[tuple[int, MoE]], kept: dict[int, list[int]],
+                      router_args: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """block -> router arguments for its kept experts (given, or asked of the routers' `regroup`: one
+    value for all layers), each checked by building the router from them (before any layer changes)."""
+    if router_args is not None:
+        args = {b: dict(router_args) for b, _ in layers}
+    else:
+        def ask(force: bool) -> dict[int, dict[str, Any]]:
+            out = {}
+            for b, layer in layers:
+                regroup = getattr(layer.router, "regroup", None)
+                out[b] = regroup([[i] for i in kept[b]], force=force) if regroup is not None else {}
+            return out
+
+        args = ask(False)
+        if any(args.values()) and len({json.dumps(a, sort_keys=True) for a in args.values()}) > 1:
+            args = ask(True)
+    for b, layer in layers:
+        for router in layer.routers:
+            try:
+                config = router_config(router)
+            except TypeError:  # not a registered router: keep_experts checks what it can
+                continue
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    build_router(config["name"], **{**config["args"], **args[b], "num_experts": len(kept[b])})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"prune: the router of block {b} cannot route over the {len(kept[b])} kept "
+                                 f"experts: {err}") from None
+    return args

@@ -81,6 +81,30 @@ class DeepSeekRouter(Router):
             f"experts (new experts from old ids {sources}); pass router_args={{'n_group': ..., 'topk_group': ...}}"
         )
 
+    def regroup(self, sources: list[list[int]], *, force: bool = False) -> dict:
+        """Expert pruning: router arguments that keep the groups valid for the new expert set `sources`
+        without the caller choosing them. {} when the old groups are kept (`expert_args` accepts the set)
+        with at least 2 experts per group under "top2_sum" (transformers takes a top-2 in every group)
+        and not `force`; else new groups of consecutive new experts: n_group' the largest divisor of
+        E' = len(sources) not above n_group leaving groups of >= 2 (1 for "max"), and
+        topk_group' = ceil(topk_group * n_group' / n_group) (the same share of groups), raised until
+        the k experts fit in the kept groups."""
+        E_new, G = len(sources), self.n_group
+        least = 2 if self.group_score == "top2_sum" else 1
+        if G == 1:
+            return {}
+        if not force and E_new % G == 0 and E_new // G >= least:
+            try:
+                self.expert_args(sources, {})
+                return {}
+            except ValueError:
+                pass
+        n = max([g for g in range(1, G + 1) if E_new % g == 0 and E_new // g >= least] or [1])
+        topk = min(n, -(-self.topk_group * n // G))
+        while topk < n and topk * (E_new // n) < self.k:
+            topk += 1
+        return {"n_group": n, "topk_group": topk}
+
     def __init__(
         self,
         *,
