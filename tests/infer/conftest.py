@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
 
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("infer") / "run"
-    cfg = tiny_lm(num_experts=8, expert_hidden=16, router_args={"k": 2}, n_layers=3, vocab_size=272)
+    cfg = tiny_lm(num_experts=8, expert_hidden=16, router_args={"k": 2}, n_layers=3, vocab_size=272, init_std=0.3)
     model = MoELM(cfg).eval()
     save_checkpoint(run, model, {})
     BPETokenizer.train(TEXT, TokenizerConfig(vocab_size=270)).save(run / "tokenizer.json")
