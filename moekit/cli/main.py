@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, ref, route, train, tune
+from moekit.cli import cache_sim as cache_sim_cli
 from moekit.cli import compress as compress_cli
 from moekit.cli.base import Group, plain_help
 
@@ -38,6 +39,7 @@ app.command(name="generate")(generate.generate)
 app.command(name="inspect")(inspect.inspect)
 app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
+app.command(name="cache-sim")(cache_sim_cli.cache_sim)
 app.command(name="compress")(compress_cli.compress)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
