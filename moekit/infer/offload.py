@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,48 +42,90 @@ from moekit.models.lm import rope_tables
 from moekit.routing.routing import Routing
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where one MoE layer's routed experts sit in a checkpoint: `fused` 3-D tensors (expert e is row e of
+    each: gate_up_proj or up_proj [E, 2F or F, D], then down_proj [E, D, F]; moekit checkpoints), or
+    `per_expert` 2-D tensor names with an `{e}` field (gate, up, down, as the hub layout transformers'
+    `save_pretrained` writes; gate None for non-gated experts)."""
+
+    fused: tuple[str, str] | None = None
+    per_expert: tuple[str | None, str, str] | None = None
+
+    def names(self, e: int) -> list[str]:
+        if self.fused is not None:
+            return list(self.fused)
+        return [n.format(e=e) for n in self.per_expert if n is not None]
 
 
 class SafetensorsExperts:
-    """Reads single experts out of a safetensors file: expert e of layer l is row e of each tensor
-    `layers.{l}.mlp.experts.{name}` (name: gate_up_proj or up_proj, then down_proj). One memory-mapped
-    handle per thread."""
+    """Reads single experts out of safetensors files (one or several shards), memory-mapped: a fused
+    layout reads `get_slice(name)[e]`, a per-expert layout reads that expert's own tensors (gate and up
+    concatenated into the [2F, D] rows of `gate_up_proj`). One handle per file and thread.
 
-    def __init__(self, path: str | Path, names: tuple[str, ...], device: torch.device) -> None:
+    Args:
+        files: tensor name -> the file that holds it.
+        layouts: MoE layer (block index) -> `ExpertLayout`.
+        device: where loaded experts go.
+    """
+
+    def __init__(self, files: dict[str, Path], layouts: dict[int, ExpertLayout], device: torch.device) -> None:
         from safetensors import safe_open
 
-        self.path, self.names, self.device = Path(path), names, device
+        from moekit.hf.inspect import read_header
+
+        self.files, self.layouts, self.device = files, layouts, device
         self._open = safe_open
         self._local = threading.local()
-        with safe_open(str(self.path), framework="pt") as f:
-            self.keys = set(f.keys())
-            self.shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in self.keys}
+        self.headers: dict[str, dict] = {}
+        for f in set(files.values()):
+            self.headers.update(read_header(f))
+        for layer, lay in layouts.items():
+            missing = [n for n in lay.names(0) if n not in files]
+            if missing:
+                raise ValueError(f"layer {layer}: the checkpoint has no expert tensors {missing[:3]}")
 
-    def _handle(self):
-        h = getattr(self._local, "h", None)
-        if h is None:
-            h = self._local.h = self._open(str(self.path), framework="pt")
-        return h
+    @classmethod
+    def single_file(cls, path: str | Path, layouts: dict[int, ExpertLayout], device: torch.device):
+        from moekit.hf.inspect import read_header
 
-    def tensor_names(self, layer: int) -> list[str]:
-        return [f"layers.{layer}.mlp.experts.{n}" for n in self.names]
+        path = Path(path)
+        return cls(dict.fromkeys(read_header(path), path), layouts, device)
+
+    def _handle(self, file: Path):
+        handles = self._local.__dict__.setdefault("h", {})
+        if file not in handles:
+            handles[file] = self._open(str(file), framework="pt")
+        return handles[file]
+
+    def _bytes(self, name: str, rows: bool) -> int:
+        h = self.headers[name]
+        shape = h["shape"][1:] if rows else h["shape"]
+        return int(np.prod(shape)) * _DTYPE_BYTES[h["dtype"]]
 
     def entry_bytes(self, key: Key) -> int:
-        """Bytes of one expert's tensors (from the file header, nothing read)."""
-        total = 0
-        for name in self.tensor_names(key[0]):
-            shape, dtype = self.shapes[name]
-            total += int(np.prod(shape[1:])) * _DTYPE_BYTES[dtype]
-        return total
+        """Bytes of one expert's tensors (from the file headers, nothing read)."""
+        lay = self.layouts[key[0]]
+        return sum(self._bytes(n, lay.fused is not None) for n in lay.names(key[1]))
+
+    def dtype(self, layer: int) -> torch.dtype:
+        return _TORCH_DTYPES[self.headers[self.layouts[layer].names(0)[-1]]["dtype"]]
 
     def load(self, key: Key) -> tuple[Tensor, ...]:
-        """Expert key[1] of layer key[0]: one [rows, cols] tensor per name, on the device."""
-        h = self._handle()
+        """Expert key[1] of layer key[0]: (first projection [2F or F, D], down_proj [D, F]) on the device."""
         layer, e = key
-        return tuple(h.get_slice(n)[e].to(self.device) for n in self.tensor_names(layer))
+        lay = self.layouts[layer]
+        if lay.fused is not None:
+            return tuple(self._handle(self.files[n]).get_slice(n)[e].to(self.device) for n in lay.fused)
+        ts = [self._handle(self.files[n]).get_tensor(n) for n in lay.names(e)]
+        first = torch.cat(ts[:-1]) if len(ts) == 3 else ts[0]  # gate rows, then up rows
+        return first.to(self.device), ts[-1].to(self.device)
 
     def tensor(self, name: str) -> Tensor:
-        return self._handle().get_tensor(name)
+        return self._handle(self.files[name]).get_tensor(name)
 
 
 class Offloader:
@@ -220,6 +263,28 @@ def affinity_from_trace(trace: Any) -> dict[int, np.ndarray]:
     return out
 
 
+def _offloader(
+    reader: SafetensorsExperts, layers: list[int], num_experts: int, k: int, expert_memory: str | int | float,
+    policy: str, prefetch: bool, prefetch_k: int | None, calibration: Any,
+) -> tuple[ExpertCache, Offloader]:
+    """The cache (budget checked against k experts of one layer) and the offloader over it."""
+    per_expert = max(reader.entry_bytes((layer, 0)) for layer in layers)
+    total = sum(reader.entry_bytes((layer, 0)) for layer in layers) * num_experts
+    capacity = parse_memory(expert_memory, total)
+    if capacity < k * per_expert:
+        raise ValueError(
+            f"expert_memory={expert_memory!r} ({capacity} bytes) is smaller than one layer's k={k} active experts "
+            f"({k} x {per_expert} = {k * per_expert} bytes); give at least {k * per_expert} bytes"
+        )
+    cache = ExpertCache(capacity_bytes=capacity, policy=policy, loader=reader.load, entry_bytes=reader.entry_bytes)
+    affinity = affinity_from_trace(calibration) if calibration is not None else None
+    off = Offloader(
+        cache=cache, layers=layers, num_experts=num_experts, prefetch=prefetch, prefetch_k=prefetch_k,
+        affinity=affinity,
+    )
+    return cache, off
+
+
 def load_offloaded(
     path: str | Path,
     *,
@@ -262,33 +327,16 @@ def load_offloaded(
     moes = [(i, b.mlp) for i, b in enumerate(model.layers) if isinstance(b.mlp, MoE)]
     first = moes[0][1].experts
     names = ("gate_up_proj" if first.gated else "up_proj", "down_proj")
-    reader = SafetensorsExperts(ckpt / "model.safetensors", names, device)
-    expert_keys = {n for i, _ in moes for n in reader.tensor_names(i)}
-    missing = sorted(expert_keys - reader.keys)
-    if missing:
-        raise ValueError(f"{ckpt / 'model.safetensors'}: missing expert tensors {missing[:3]}")
+    layouts = {i: ExpertLayout(fused=tuple(f"layers.{i}.mlp.experts.{n}" for n in names)) for i, _ in moes}
+    reader = SafetensorsExperts.single_file(ckpt / "model.safetensors", layouts, device)
+    expert_keys = {n for lay in layouts.values() for n in lay.names(0)}
     layers = [i for i, _ in moes]
-    per_expert = reader.entry_bytes((layers[0], 0))
-    total = per_expert * cfg.num_experts * len(layers)
-    capacity = parse_memory(expert_memory, total)
     k = max(moe.router.nominal_k for _, moe in moes)
-    if capacity < k * per_expert:
-        raise ValueError(
-            f"expert_memory={expert_memory!r} ({capacity} bytes) is smaller than one layer's k={k} active experts "
-            f"({k} x {per_expert} = {k * per_expert} bytes); give at least {k * per_expert} bytes"
-        )
-    cache = ExpertCache(capacity_bytes=capacity, policy=policy, loader=reader.load, entry_bytes=reader.entry_bytes)
-    affinity = affinity_from_trace(calibration) if calibration is not None else None
-    off = Offloader(
-        cache=cache, layers=layers, num_experts=cfg.num_experts, prefetch=prefetch, prefetch_k=prefetch_k,
-        affinity=affinity,
-    )
-    dtype_name = reader.shapes[reader.tensor_names(layers[0])[0]][1]
-    dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype_name]
+    _, off = _offloader(reader, layers, cfg.num_experts, k, expert_memory, policy, prefetch, prefetch_k, calibration)
     for i, moe in moes:
-        moe.experts = OffloadedExperts(like=moe.experts, layer=i, offloader=off, dtype=dtype)
+        moe.experts = OffloadedExperts(like=moe.experts, layer=i, offloader=off, dtype=reader.dtype(i))
     model = model.to_empty(device=device)
-    state = {n: reader.tensor(n) for n in reader.keys - expert_keys}
+    state = {n: reader.tensor(n) for n in set(reader.files) - expert_keys}
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     if set(state) != expected:
         raise ValueError(
@@ -305,4 +353,6 @@ def load_offloaded(
     return model.eval()
 
 
-__all__ = ["OffloadedExperts", "Offloader", "SafetensorsExperts", "affinity_from_trace", "load_offloaded"]
+__all__ = [
+    "ExpertLayout", "OffloadedExperts", "Offloader", "SafetensorsExperts", "affinity_from_trace", "load_offloaded",
+]

@@ -8,7 +8,7 @@ import torch
 
 from moekit.analyze.table import write_trace
 from moekit.infer import ExpertCache, load_offloaded, parse_memory
-from moekit.infer.offload import SafetensorsExperts
+from moekit.infer.offload import ExpertLayout, SafetensorsExperts
 
 EXPERT_BYTES = (2 * 16 * 32 + 32 * 16) * 4  # gate_up [2F, D] + down [D, F], float32
 ALL_EXPERTS = 3 * 8 * EXPERT_BYTES
@@ -113,7 +113,8 @@ def test_cache_never_evicts_pinned_and_fails_clearly():
 
 def test_safetensors_reader_reads_one_expert(tiny_run):
     run, ref = tiny_run
-    r = SafetensorsExperts(run / "checkpoint" / "model.safetensors", ("gate_up_proj", "down_proj"), torch.device("cpu"))
+    lay = ExpertLayout(fused=("layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"))
+    r = SafetensorsExperts.single_file(run / "checkpoint" / "model.safetensors", {1: lay}, torch.device("cpu"))
     w1, w2 = r.load((1, 5))
     assert torch.equal(w1, ref.layers[1].mlp.experts.gate_up_proj[5]) and w1.shape == (32, 32)
     assert torch.equal(w2, ref.layers[1].mlp.experts.down_proj[5]) and w2.shape == (32, 16)
