@@ -57,6 +57,7 @@ OPTIONAL: dict[str, OptionalPackage] = {
     "uvicorn": OptionalPackage("uvicorn", "the router server", "llmroute"),
     "httpx": OptionalPackage("httpx", "forwarding requests to backends", "llmroute"),
     "yaml": OptionalPackage("pyyaml", "reading YAML configs and price tables", "llmroute"),
+    "accelerate": OptionalPackage("accelerate", "offloading Hugging Face models' experts (empty-weight init)", "infer"),
     "compressed_tensors": OptionalPackage(
         "compressed-tensors", "quantizing experts (the compressed-tensors format)", "compress"
     ),
