@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from moekit.analyze.metrics.coactivation import pair_counts
 from moekit.infer.cache import ExpertCache, Key, parse_memory
 from moekit.layers.activations import get_activation
-from moekit.layers.dispatch import combine, gather, plan
+from moekit.layers.dispatch import autocast_dtype, combine, gather, plan
 from moekit.layers.experts import Experts, check_input_dtype
 from moekit.layers.fused_mlp import fused_expert_mlp
 from moekit.layers.moe import MoE
@@ -230,7 +230,8 @@ class OffloadedExperts(nn.Module):
         off, cache = self.offloader, self.offloader.cache
         off.before_layer(self.layer, routing.expert_ids)
         p = plan(routing.expert_ids, self.num_experts)
-        x = x.contiguous()
+        amp = autocast_dtype(x)  # inside torch.autocast the expert matmuls run in its dtype, as in `loop`
+        x = (x if amp is None else x.to(amp)).contiguous()
         xs = gather(x, p)  # [N, D] sorted by expert
         ys = xs.new_empty(xs.shape[0], self.dim)
         segs, start = [], 0
@@ -240,7 +241,10 @@ class OffloadedExperts(nn.Module):
             start += c
         segs.sort(key=lambda s: (self.layer, s[0]) not in cache)  # cached experts first: no load evicts them
         for e, s, t in segs:
-            with cache.use((self.layer, e)) as (w1, w2):  # [2F or F, D], [D, F]
+            with cache.use((self.layer, e)) as (w1, w2), torch.autocast(x.device.type, enabled=False):
+                if amp is not None:
+                    w1, w2 = w1.to(amp), w2.to(amp)
+                # w1 [2F or F, D], w2 [D, F]: one expert's slice of the fused weights
                 ys[s:t] = fused_expert_mlp(xs[s:t], w1[None], w2[None], [t - s], self.act, self.gated)
         return combine(ys, p, routing.weights, x.shape[0])
 

@@ -140,3 +140,13 @@ def test_calibration_trace_seeds_prefetch(tiny_run, tmp_path):
     off.wait()
     assert (1, 0) in off.cache and (1, 1) in off.cache and off.stats.prefetches == 2
     off.close()
+
+
+def test_offloaded_under_autocast_matches_loop_backend(tiny_run):
+    """Inside torch.autocast (bfloat16 on CPU) the experts run in bfloat16, as the resident `loop` backend does."""
+    run, ref = tiny_run
+    model = load_offloaded(run, expert_memory="100%")
+    ids = torch.randint(0, 272, (1, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(ids).logits, ref(ids).logits
+    assert got.dtype == want.dtype and torch.equal(got, want)
