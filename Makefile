@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The CPU build of torch is pinned: a bare `torch` pulls several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= hf,data,analyze,llmroute,compress,adapt,dev
+EXTRAS ?= hf,data,analyze,llmroute,compress,adapt,infer,dev
 
 .PHONY: install demo test test-slow lint bench clean
 

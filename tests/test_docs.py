@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/routing.md", "docs/training.md", "docs/analysis.md", "docs/surgery.md",
-         "docs/compress.md", "docs/adapt.md", "docs/convert.md"]
+         "docs/compress.md", "docs/adapt.md", "docs/convert.md", "docs/infer.md"]
 
 
 def snippets(page: str) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ import typer
 
 from moekit.cli import adapt as adapt_cli
 from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect, quickstart, ref, route, train, tune
+from moekit.cli import cache_sim as cache_sim_cli
 from moekit.cli import compress as compress_cli
 from moekit.cli import convert as convert_cli
 from moekit.cli.base import Group, plain_help
@@ -40,6 +41,7 @@ app.command(name="generate")(generate.generate)
 app.command(name="inspect")(inspect.inspect)
 app.command(name="export")(export.export)
 app.command(name="analyze")(analyze.analyze)
+app.command(name="cache-sim")(cache_sim_cli.cache_sim)
 app.command(name="compress")(compress_cli.compress)
 app.command(name="adapt")(adapt_cli.adapt)
 app.command(name="convert")(convert_cli.convert)

@@ -58,6 +58,7 @@ OPTIONAL: dict[str, OptionalPackage] = {
     "httpx": OptionalPackage("httpx", "forwarding requests to backends", "llmroute"),
     "yaml": OptionalPackage("pyyaml", "reading YAML configs and price tables", "llmroute"),
     "scipy": OptionalPackage("scipy", "MC-SMoE neuron alignment (linear assignment)", "compress"),
+    "accelerate": OptionalPackage("accelerate", "offloading Hugging Face models' experts (empty-weight init)", "infer"),
     "compressed_tensors": OptionalPackage(
         "compressed-tensors", "quantizing experts (the compressed-tensors format)", "compress"
     ),
