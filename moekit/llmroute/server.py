@@ -13,15 +13,11 @@ prompt never stalls the event loop. The OpenAI wire format (request checks, erro
 in `moekit.llmroute.wire`.
 """
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
 import os
-import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +36,7 @@ from moekit.llmroute.wire import (
     stream_error_event,
 )
 from moekit.utils.deps import require
+from moekit.utils.httpserve import Metrics, bearer_denied, is_loopback, key_matches, load_client_keys  # noqa: F401
 
 log = logging.getLogger("moekit.llmroute.server")
 
@@ -66,40 +63,12 @@ class ServedRouter:
     mu: float
 
 
-class Metrics:
-    """Counters exposed at /metrics in Prometheus text format."""
-
-    def __init__(self) -> None:
-        self.counters: dict[tuple[str, tuple], float] = defaultdict(float)
-        self._lock = threading.Lock()  # routing counts from worker threads, the rest from the event loop
-
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        with self._lock:
-            self.counters[(name, tuple(sorted(labels.items())))] += value
-
-    def get(self, name: str, **labels: str) -> float:
-        return self.counters.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def render(self) -> str:
-        with self._lock:
-            items = sorted(self.counters.items())
-        lines = []
-        for (name, labels), v in items:
-            lab = ",".join(f'{k}="{_escape(val)}"' for k, val in labels)
-            lines.append(f"moekit_route_{name}{{{lab}}} {v!r}" if lab else f"moekit_route_{name} {v!r}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(s: str) -> str:
-    return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class RouterService:
     """Routing and forwarding, independent of the web framework (FastAPI wraps it in `create_app`)."""
 
     def __init__(self, config: RoutesConfig, routers: dict[str, ServedRouter] | None = None) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics("moekit_route_")
         self.routers = routers if routers is not None else self._load_routers()
         for sr in self.routers.values():
             missing = [m for m in sr.router.models if m not in {b.model for b in config.backends}]
@@ -325,39 +294,6 @@ class RouterService:
         return resp.status_code, relay(), headers, resp.headers.get("content-type", "text/event-stream")
 
 
-def load_client_keys(env_name: str | None) -> list[str]:
-    """The clients' bearer keys from environment variable `env_name` (comma-separated); [] when None.
-
-    A named variable that is unset or holds no key is an error: starting open by mistake is worse than not starting.
-    """
-    if env_name is None:
-        return []
-    value = os.environ.get(env_name)
-    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
-    if not keys:
-        found = "is not set" if value is None else "holds no key"
-        raise ValueError(f"client keys: environment variable {env_name} {found}; expected comma-separated keys")
-    return keys
-
-
-def key_matches(given: str, keys: list[str]) -> bool:
-    """True when `given` equals one of `keys`; every key is compared, each in constant time (hmac.compare_digest)."""
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(given.encode(), k.encode())
-    return ok
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
 def create_app(
     config: RoutesConfig, routers: dict[str, ServedRouter] | None = None, *, api_keys_env: str | None = None
 ):
@@ -396,14 +332,11 @@ def create_app(
 
     def denied(request: Request) -> JSONResponse | None:
         """A 401 unless the request carries one of the client keys (None when keys are not required)."""
-        if not client_keys:
+        what = bearer_denied(request.headers.get("authorization", ""), client_keys)
+        if what is None:
             return None
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and given and key_matches(given.strip(), client_keys):
-            return None
-        what = "wrong API key" if given else "no API key (expected the header Authorization: Bearer <key>)"
         return error(
-            401, f"{what}", "invalid_request_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+            401, what, "invalid_request_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
         )
 
     @app.get("/health")

