@@ -11,6 +11,7 @@ from moekit.cli import analyze, bench, demo, evaluate, export, generate, inspect
 from moekit.cli import cache_sim as cache_sim_cli
 from moekit.cli import compress as compress_cli
 from moekit.cli import convert as convert_cli
+from moekit.cli import serve as serve_cli
 from moekit.cli.base import Group, plain_help
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ app.command(name="cache-sim")(cache_sim_cli.cache_sim)
 app.command(name="compress")(compress_cli.compress)
 app.command(name="adapt")(adapt_cli.adapt)
 app.command(name="convert")(convert_cli.convert)
+app.command(name="serve")(serve_cli.serve)
 app.add_typer(route.app, name="route")
 app.add_typer(bench.app, name="bench")
 app.add_typer(ref.app, name="ref")
