@@ -8,6 +8,11 @@ before any training, against the dense model's.
     python benchmarks/convert.py --quick                  # trains a micro dense model first; about a minute
     python benchmarks/convert.py                          # from moekit.ref's ref-dense (`moekit ref build`)
     python benchmarks/convert.py --src RUN --steps 300    # from any dense moekit run folder
+    python benchmarks/convert.py --btx --quick            # Branch-Train-Mix on the built-in domains; minutes
+
+BTX (`--btx`): from the seed, one branch per built-in domain trained on that domain only, mixed by BTX (their FFNs
+as experts, the rest averaged, top-2 router) and trained briefly on all domains; against the seed trained on all
+domains for the same total steps (branches + mix). Per-domain validation loss of each.
 
 Both continuations start with a fresh optimiser and schedule (`train(init=...)`, what `moekit train --init` does).
 """
@@ -15,6 +20,7 @@ Both continuations start with a fresh optimiser and schedule (`train(init=...)`,
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import tempfile
@@ -55,6 +61,76 @@ def quick_source(tmp: Path, steps: int, seed: int) -> Path:
     return run
 
 
+class DomainOnly:
+    """A training split that draws windows from one label's segment only (a BTX branch's data)."""
+
+    def __init__(self, data, label: int) -> None:
+        self.data = copy.copy(data)
+        self.data.segments = {label: data.segments[label]}
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator):
+        return self.data.sample_batch(batch_size, seq_len, generator)
+
+
+def btx_benchmark(args: argparse.Namespace) -> None:
+    """Seed -> one branch per domain -> BTX MoE + a short router/all-parameter training, vs the dense seed trained on
+    all domains for the same total steps; per-domain validation losses (JSON + markdown)."""
+    from moekit.convert.btx import BTXConfig, btx
+    from moekit.train.checkpoint import save_checkpoint
+
+    branch_steps = args.steps or (40 if args.quick else 200)
+    mix_steps = max(1, branch_steps // 2)
+    out = args.out or f"benchmarks/results/convert_btx{'_quick' if args.quick else ''}.json"
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        src = quick_source(tmp, 150, args.seed) if args.quick or not args.src else Path(args.src)
+        meta = read_meta(src)
+        data = prepare_data(DataConfig(**meta["data"]), progress=False)
+        seq_len, bs = int(meta["train"]["seq_len"]), args.batch_size or int(meta["train"]["batch_size"])
+        windows = val_windows(data, seq_len, int(meta["train"]["eval_windows"]))
+        mcfg = LMConfig.from_dict(meta["model"])
+        losses = {"seed": evaluate(load_dense(src).model, windows, batch_size=bs).loss_per_label}
+
+        def cont(name, cfg, init, steps, train_data):
+            tcfg = TrainConfig.short_run(steps, batch_size=bs, seq_len=seq_len, lr=args.lr, eval_every=steps,
+                                         eval_windows=int(meta["train"]["eval_windows"]), seed=args.seed,
+                                         device=args.device)
+            train(cfg, tcfg, train_data, windows, tmp / name, init=init, progress=False)
+            model = load_dense(tmp / name).model if not cfg.num_experts else None
+            if model is None:
+                from moekit.train.checkpoint import load_model
+
+                model = load_model(tmp / name)
+            losses[name] = evaluate(model, windows, batch_size=bs).loss_per_label
+            print(f"{name}: " + "  ".join(f"{k} {v:.4f}" for k, v in losses[name].items()))
+            return model
+
+        labels = list(data.label_names)
+        branches = [cont(f"branch-{lab}", mcfg, src, branch_steps, DomainOnly(data.train, i))
+                    for i, lab in enumerate(labels)]
+        moe = btx(branches, BTXConfig(k=min(2, len(branches)), seed=args.seed))
+        save_checkpoint(tmp / "btx-mixed", moe, {})
+        losses["btx-at-mix"] = evaluate(moe, windows, batch_size=bs).loss_per_label
+        cont("btx", moe.config, tmp / "btx-mixed", mix_steps, data.train)
+        total = branch_steps * len(labels) + mix_steps
+        cont("dense", mcfg, src, total, data.train)
+    params = {"dense": count_params(mcfg).as_dict(), "btx": count_params(moe.config).as_dict()}
+    env = environment()
+    write_json(out, {"benchmark": "convert_btx", "env": env, "branch_steps": branch_steps, "mix_steps": mix_steps,
+                     "dense_steps": total, "seed": args.seed, "val_loss_per_domain": losses, "params": params})
+    md = [f"Command: `{env['command']}`  ", f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch "
+          f"{env['torch']}; {env['date']}; seed {args.seed} (one seed: no spread measured)", "",
+          f"Branches: {branch_steps} steps each on one domain; BTX mix: top-2 over {len(labels)} experts, "
+          f"{mix_steps} steps on all domains; dense: {total} steps on all domains (same total steps; the BTX "
+          f"model has {params['btx']['active']:,d} active of {params['btx']['total']:,d} parameters, the dense "
+          f"{params['dense']['total']:,d}).", "",
+          "| model | " + " | ".join(labels) + " | mean |", "|---" * (len(labels) + 2) + "|"]
+    for name, per in losses.items():
+        md.append(f"| {name} | " + " | ".join(f"{per[lab]:.4f}" for lab in labels)
+                  + f" | {sum(per.values()) / len(per):.4f} |")
+    Path(out).with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default=None, help="dense moekit run folder (default: moekit.ref's ref-dense)")
@@ -69,10 +145,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/convert[_quick].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/convert[_btx][_quick].json)")
+    ap.add_argument("--btx", action="store_true", help="the Branch-Train-Mix measurement instead (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.btx:
+        btx_benchmark(args)
+        return
     steps = args.steps or (40 if args.quick else 400)
     out = args.out or f"benchmarks/results/convert{'_quick' if args.quick else ''}.json"
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -111,6 +111,8 @@ ENTRIES: dict[str, Entry] = {
     "graph_of_tokens": Entry("graph_of_tokens", {"k": 2}),
     "prototype": Entry("prototype", {"k": 2}),
     "uncertainty": Entry("uncertainty", {"k": 2}),
+    "nexus": Entry("nexus", {"k": 2}, note="Nexus router trained from scratch: fixed random domain embeddings through "
+                                            "a learned SwiGLU projection (no domains here; see docs/convert.md)"),
     "chain": Entry("topk", {"k": 1}, model={"moe_iterations": 2}, note="Chain-of-Experts: 2 iterations of top-1"),
     "smear": Entry("smear", {}, expert_scale=2, model={"experts": "smear"},
                    note="one merged expert of width 2F per token (causal prefix routing); the per-token merge "

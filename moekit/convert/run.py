@@ -29,7 +29,14 @@ METHODS = {
                "al. 2024; --reinit: Drop-Upcycling)",
     "split": "MoEfication: the FFN's neurons split into experts by balanced k-means, a trained router "
              "(Zhang et al. 2022)",
+    "btx": "Branch-Train-Mix: branches of one seed mixed, their FFNs as experts, the rest averaged, a new router "
+           "(Sukhbaatar et al. 2024); SRC... = the branches",
+    "prompts": "mergekit-moe: a base model plus dense experts, routers written from each expert's prompts, no "
+               "training (Goddard et al. 2024); SRC... = base, then the experts",
+    "nexus": "Nexus: branches as experts, the seed's FFN shared, a router projecting domain embeddings (Gritsch et "
+             "al. 2024); SRC... = seed, then the branches",
 }
+COMPOSE = ("btx", "prompts", "nexus")  # methods of several dense models (moekit.convert.compose_run)
 
 
 def list_methods() -> dict[str, str]:
@@ -70,7 +77,7 @@ def convert_model(method: str, source: DenseSource, *, upcycle_cfg: UpcycleConfi
                   split_cfg: SplitConfig | None = None, calib_batches: list | None = None
                   ) -> tuple[MoELM, ConvertSummary]:
     """The MoE model `method` makes of `source`, and its summary (no files written)."""
-    if method not in METHODS:
+    if method not in METHODS or method in COMPOSE:
         raise ValueError(f"unknown conversion method {method!r}; known: {', '.join(METHODS)}")
     dense = source.model
     extra: dict[str, Any] = {}
@@ -108,6 +115,8 @@ def convert_run(method: str, src: str | Path | MoELM, out: str | Path, *, upcycl
                 split_cfg: SplitConfig | None = None, calib_batches: int = 8, calib_seq_len: int | None = None,
                 hf_family: str | None = None, force: bool = False) -> ConvertSummary:
     """Convert the dense model at `src` with `method` and write DST `out` (see the module docstring)."""
+    if method in COMPOSE:
+        raise ValueError(f"{method} composes several dense models: use moekit.convert.compose_run.compose_run")
     if method not in METHODS:
         raise ValueError(f"unknown conversion method {method!r}; known: {', '.join(METHODS)}")
     out = Path(out)
@@ -122,17 +131,25 @@ def convert_run(method: str, src: str | Path | MoELM, out: str | Path, *, upcycl
     model, summary = convert_model(method, source, upcycle_cfg=upcycle_cfg, split_cfg=split_cfg,
                                    calib_batches=batches)
     summary.out = str(out)
+    cfg = upcycle_cfg if method == "upcycle" else split_cfg
+    record = {"method": method, "source": source.origin, "config": asdict(cfg) if cfg is not None else {}}
+    write_model(model, source, record, out, hf_family=hf_family, force=force)
+    return summary
+
+
+def write_model(model: MoELM, source: DenseSource, record: dict[str, Any], out: Path, *, hf_family: str | None,
+                force: bool) -> None:
+    """Write the converted `model` to `out`: a moekit run folder (the `source` run's configs and tokenizer plus the
+    conversion `record`) or, with `hf_family`, a transformers checkpoint; under a temporary name, then renamed."""
     tokenizer = source.run_dir / "tokenizer.json" if source.run_dir is not None else None
     tokenizer = tokenizer if tokenizer is not None and tokenizer.is_file() else None
     if hf_family is not None:
         from moekit.hf.export import export_lm
 
         export_lm(model.eval(), hf_family, out, tokenizer=tokenizer, overwrite=force)
-        return summary
+        return
     from moekit.train.checkpoint import save_checkpoint
 
-    cfg = upcycle_cfg if method == "upcycle" else split_cfg
-    record = {"method": method, "source": source.origin, "config": asdict(cfg) if cfg is not None else {}}
     meta = {k: v for k, v in source.meta.items() if k not in ("step", "compress")}
     meta["convert"] = [*source.meta.get("convert", []), record]
     meta["step"] = 0
@@ -146,7 +163,6 @@ def convert_run(method: str, src: str | Path | MoELM, out: str | Path, *, upcycl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary
 
 
 def _calibration(source: DenseSource, n: int, seq_len: int | None) -> list:

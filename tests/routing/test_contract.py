@@ -164,7 +164,7 @@ def test_routers_declare_what_they_need(name):
 
 KEEP = [1, 2, 4, 5, 6, 7]  # experts 0 and 3 removed
 # Routers whose pruned routing equals the old routing with the removed experts' scores at -inf.
-MASKED = {"topk", "switch", "moec", "recurrent", "autonomy", "smoe_dropout", "prototype", "uncertainty",
+MASKED = {"topk", "switch", "moec", "recurrent", "autonomy", "smoe_dropout", "prototype", "uncertainty", "nexus",
           "null_experts", "topp", "smear", "deepseek"}
 # The others, and why "equal to masking" does not hold for them:
 NOT_MASKED = {
