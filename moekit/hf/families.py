@@ -98,6 +98,16 @@ def _deepseek_v2(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _sparsemixer(cfg: Any) -> dict[str, Any]:
+    """PhiMoE: SparseMixer, always 2 experts whatever `num_experts_per_tok` says, threshold
+    `router_jitter_noise`."""
+    return {
+        "k": 2,
+        "jitter_eps": float(cfg.router_jitter_noise),
+        "load_balance": float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0),
+    }
+
+
 def _hy_v4_activation(cfg: Any) -> tuple[str, dict[str, Any]]:
     """HY-V4's experts: SiLU whatever `hidden_act` says, gate and up clamped at `swiglu_limit`."""
     limit = getattr(cfg, "swiglu_limit", None)
@@ -219,6 +229,17 @@ FAMILIES: tuple[Family, ...] = (
     _like(DEEPSEEK_V3, "solar_open", "SolarOpenMoE"),
     _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE", expert_activation=_hy_v4_activation),
     _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock", num_experts_key="num_experts"),
+    Family(
+        name="phimoe",
+        model_types=("phimoe",),
+        block="PhimoeSparseMoeBlock",
+        router="sparsemixer",
+        router_args=_sparsemixer,
+        num_experts_key="num_local_experts",
+        config_keys={"jitter_eps": "router_jitter_noise"},  # k is always 2 in transformers' PhiMoE
+        gate="router",
+        notes="`input_jitter_noise` (training only, 0 by default) is not applied",
+    ),
 )
 
 

@@ -56,6 +56,9 @@ def tiny_config(family: str):
                               mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
     if family == "granitemoe":
         return tf.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if family == "phimoe":  # a wide SparseMixer threshold: several experts compete in each slot
+        return tf.PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                               router_jitter_noise=0.3)
     if family in GENERIC:
         return generic_config(family)
     raise KeyError(family)
@@ -109,6 +112,7 @@ ODD_EXTRA = {
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
                              layer_types=["mamba", "attention", "attention"]),
     "hy_v4": dict(swiglu_limit=0.1),  # small enough that both clamps bind
+    "phimoe": dict(router_jitter_noise=0.3),
 }
 MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "hy_v4")
 
