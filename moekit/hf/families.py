@@ -182,7 +182,7 @@ GRANITEMOE = Family(
 
 def _like(base: Family, name: str, block: str, **changes: Any) -> Family:
     """A family whose block computes exactly as `base`'s under other class names."""
-    return replace(base, name=name, model_types=(name,), block=block, **changes)
+    return replace(base, **{"name": name, "model_types": (name,), "block": block, **changes})
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -229,6 +229,12 @@ FAMILIES: tuple[Family, ...] = (
     _like(DEEPSEEK_V3, "solar_open", "SolarOpenMoE"),
     _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE", expert_activation=_hy_v4_activation),
     _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock", num_experts_key="num_experts"),
+    # Multimodal models whose text blocks route as Qwen3-MoE / Qwen3-Next with renormalisation always on
+    # (their config has no `norm_topk_prob`); the blocks are patched wherever they sit in the model.
+    _like(OLMOE, "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+          router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
+    _like(QWEN2_MOE, "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+          router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
     Family(
         name="phimoe",
         model_types=("phimoe",),

@@ -61,7 +61,46 @@ def tiny_config(family: str):
                                router_jitter_noise=0.3)
     if family in GENERIC:
         return generic_config(family)
+    if family in MULTIMODAL:
+        return multimodal_config(family)
     raise KeyError(family)
+
+
+# Multimodal models (a vision tower and a text model with MoE blocks): tiny text and vision sub-configs.
+MULTIMODAL = ("qwen3_vl_moe", "qwen3_5_moe")
+VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, num_position_embeddings=16,
+              deepstack_visual_indexes=[0])
+LINEAR_ATTENTION = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=8)
+
+
+def multimodal_config(family: str, *, odd: bool = False):
+    """A multimodal config of `family` whose text model has the sizes of `tiny_config` (or `odd_config`):
+    Qwen3.5-MoE with one linear-attention (Gated DeltaNet) layer first."""
+    from transformers import AutoConfig
+
+    text = {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}
+    text.update(head_dim=8, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                num_experts=8, num_experts_per_tok=2)
+    if odd:
+        text.update(hidden_size=40, head_dim=10, num_hidden_layers=3, intermediate_size=26, moe_intermediate_size=13,
+                    shared_expert_intermediate_size=13, num_experts=5, num_experts_per_tok=3)
+    if family == "qwen3_5_moe":
+        kinds = ["linear_attention"] + ["full_attention"] * (text["num_hidden_layers"] - 1)
+        text.update(LINEAR_ATTENTION, layer_types=kinds)
+    cls = type(AutoConfig.for_model(family))
+    return cls(text_config=text, vision_config={**VISION, "out_hidden_size": text["hidden_size"]},
+               tie_word_embeddings=False)
+
+
+def auto_class(config):
+    """The transformers auto class that builds `config`'s generative model: AutoModelForCausalLM, or
+    AutoModelForImageTextToText for multimodal models it has no mapping for."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForCausalLM if causal else AutoModelForImageTextToText
 
 
 # Families whose config takes the usual field names: only the fields their config class has are set.
@@ -124,6 +163,8 @@ def odd_config(family: str):
     or Mamba layer first)."""
     import dataclasses
 
+    if family in MULTIMODAL:
+        return multimodal_config(family, odd=True)
     cls = type(tiny_config(family))
     names = {f.name for f in dataclasses.fields(cls)}
     E = 6 if "n_group" in names else 5
@@ -139,12 +180,11 @@ def tiny_model(family: str, seed: int = 0, *, odd: bool = False, dtype: torch.dt
     non-trivial router weights (and a non-zero DeepSeek score-correction bias). `odd`: at the sizes
     of `odd_config`. `dtype` (e.g. bfloat16): the same weights in that dtype, the modules transformers
     keeps in float32 (`_keep_in_fp32_modules_strict`) kept so, as `from_pretrained(dtype=...)` does."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     config = odd_config(family) if odd else tiny_config(family)
     kw = dict(attn_implementation="eager", experts_implementation="eager")
-    model = AutoModelForCausalLM.from_config(config, **kw)
+    auto = auto_class(config)
+    model = auto.from_config(config, **kw)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".gate.weight", ".router.weight")):
@@ -153,7 +193,7 @@ def tiny_model(family: str, seed: int = 0, *, odd: bool = False, dtype: torch.dt
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)
     if dtype is not None:
-        cast = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        cast = auto.from_config(config, dtype=dtype, **kw)
         cast.load_state_dict(model.state_dict())
         model = cast
     return model.eval()
