@@ -235,6 +235,7 @@ FAMILIES: tuple[Family, ...] = (
           router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
     _like(QWEN2_MOE, "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
           router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
+    _like(DEEPSEEK_V3, "glm4v_moe", "Glm4vMoeTextMoE", model_types=("glm4v_moe", "glm4v_moe_text")),
     Family(
         name="phimoe",
         model_types=("phimoe",),

@@ -67,7 +67,7 @@ def tiny_config(family: str):
 
 
 # Multimodal models (a vision tower and a text model with MoE blocks): tiny text and vision sub-configs.
-MULTIMODAL = ("qwen3_vl_moe", "qwen3_5_moe")
+MULTIMODAL = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe")
 VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, num_position_embeddings=16,
               deepstack_visual_indexes=[0])
 LINEAR_ATTENTION = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
@@ -76,7 +76,8 @@ LINEAR_ATTENTION = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear
 
 def multimodal_config(family: str, *, odd: bool = False):
     """A multimodal config of `family` whose text model has the sizes of `tiny_config` (or `odd_config`):
-    Qwen3.5-MoE with one linear-attention (Gated DeltaNet) layer first."""
+    Qwen3.5-MoE with one linear-attention (Gated DeltaNet) layer first; GLM-4.5V with DeepSeek-V3 groups
+    (6 experts in 3 groups at odd sizes) and head width 12 (its 3-axis RoPE needs 3 frequencies)."""
     from transformers import AutoConfig
 
     text = {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}
@@ -85,6 +86,12 @@ def multimodal_config(family: str, *, odd: bool = False):
     if odd:
         text.update(hidden_size=40, head_dim=10, num_hidden_layers=3, intermediate_size=26, moe_intermediate_size=13,
                     shared_expert_intermediate_size=13, num_experts=5, num_experts_per_tok=3)
+    if family == "glm4v_moe":  # DeepSeek-V3 routing (groups, shared expert, first layer dense); 3-axis RoPE
+        E = text.pop("num_experts")
+        text.update(n_routed_experts=E if not odd else 6, n_group=4 if not odd else 3, topk_group=2,
+                    first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, head_dim=12,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 1],
+                                     "partial_rotary_factor": 0.5})
     if family == "qwen3_5_moe":
         kinds = ["linear_attention"] + ["full_attention"] * (text["num_hidden_layers"] - 1)
         text.update(LINEAR_ATTENTION, layer_types=kinds)
