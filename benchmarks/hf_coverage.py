@@ -48,10 +48,12 @@ BEGIN, END = "<!-- hf_coverage:begin -->", "<!-- hf_coverage:end -->"
 # Why a block is not covered: the one operation moekit's MoE contract does not express yet (docs/hf.md,
 # "Not covered"). A folder missing here is reported as "not covered (no reason recorded)".
 REASONS = {
-    "gpt_oss": "expert biases on gate_up/down, interleaved [E, D, 2F] layout; router bias + softmax of top-k logits",
+    "gpt_oss": "expert biases, interleaved [E, D, 2F] layout (needs an Experts layout option); router bias, "
+               "softmax of the top-k logits",
     "openai_privacy_filter": "as GPT-OSS: expert biases, interleaved [E, D, 2F] layout",
-    "llama4": "a routed expert's input (not output) is scaled by its sigmoid score",
-    "dbrx": "router p-norm weight normalisation (`moe_normalize_expert_weights`) inside `DbrxFFN`",
+    "llama4": "a routed expert's input (not output) is scaled by its sigmoid score; experts stored [E, D, 2F]",
+    "dbrx": "experts stored as flat [E*F, D] w1/v1/w2 (needs an Experts layout option); p-norm weight "
+            "normalisation",
     "jetmoe": "mixture of attention heads; experts in input_linear/output_linear with an output bias",
     "doge": "product-key retrieval experts (CDMoE)",
     "switch_transformers": "encoder-decoder, one module per expert, capacity-limited routing",
@@ -80,14 +82,13 @@ REASONS = {
     "axk1": "a layer norm after the block",
     "axk2": "a layer norm after the block",
     "nemotron_h": "latent projections around the experts",
-    "aria": "experts stored [E, D, 2F]",
+    "aria": "experts stored [E, D, 2F] (needs an Experts layout option)",
     "vitpose_backbone": "a vision backbone's per-dataset expert MLP (not a routed MoE)",
     "granitemoe_swa": "GraniteMoE block, not yet tested here",
     "kimi_linear": "DeepSeek-V3 block, not yet tested here (hybrid linear attention)",
     "bailing_hybrid": "DeepSeek-V3 block, not yet tested here (hybrid linear attention)",
     "glm5_next": "DeepSeek-V3 block, not yet tested here (no AutoModelForCausalLM mapping)",
     "mimo_v2_flash": "DeepSeek-V3 block without shared experts, not yet tested here",
-    "glm4v_moe": "DeepSeek-V3 block in a multimodal model, not yet tested here",
     "dots3_note": "DeepSeek-V3 block in a multimodal model, not yet tested here",
     "beam": "DeepSeek-V3 routing, scaling on the block, not yet tested here",
     "step3p7": "DeepSeek-V3 routing without groups, not yet tested here",
@@ -95,17 +96,14 @@ REASONS = {
     "unlimited_ocr": "DeepSeek-V2 block in a multimodal model, not yet tested here",
     "mistral4": "softmax group-limited routing, not yet tested here",
     "mistral_large4": "softmax group-limited routing, not yet tested here",
-    "qwen3_vl_moe": "Qwen3-MoE block in a multimodal model, not yet tested here",
-    "qwen3_5_moe": "Qwen3-Next block in a multimodal model, not yet tested here",
-    "qwen3_omni_moe": "Qwen3-MoE blocks in a multimodal model, not yet tested here",
-    "phimoe": "SparseMixer routing (the second expert chosen after masking the first, jitter threshold)",
+    "qwen3_omni_moe": "Qwen3-MoE blocks under two class names (thinker, talker) in one model",
     "qwen4_exp": "not yet examined",
     "lara_mini": "not yet examined",
 }
 
 # Shrinks a default config: every field of these names the config class has (also in its sub-configs).
 SHRINK = dict(
-    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_layers=2, n_layers=2, num_attention_heads=4,
+    vocab_size=96, pad_token_id=0, hidden_size=32, num_hidden_layers=2, num_layers=2, n_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=8, intermediate_size=32, moe_intermediate_size=16, ffn_hidden_size=16,
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
     moe_k=2, n_group=1, topk_group=1, max_position_embeddings=64, d_model=32, d_ff=32, d_kv=8, num_heads=4,
@@ -142,9 +140,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure_covered(family: str) -> dict[str, Any]:
     """Parity of the patched odd-size tiny model of `family` against transformers."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.hf.tiny import tiny_model
+    from tests.hf.tiny import auto_class, tiny_model
 
     ids, mask = _batch()
     keep = mask.bool()
@@ -163,8 +159,8 @@ def measure_covered(family: str) -> dict[str, Any]:
         row["bf16"] = (got16 - want16).abs().max().item()
         with tempfile.TemporaryDirectory() as tmp:
             mh.save(patched, tmp)
-            loaded = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager",
-                                                          experts_implementation="eager").eval()
+            loaded = auto_class(ref.config).from_pretrained(tmp, attn_implementation="eager",
+                                                            experts_implementation="eager").eval()
             row["save"] = (loaded(ids, attention_mask=mask).logits[keep] - got[keep]).abs().max().item()
     row["export"] = family in mh.export_targets()
     return row

@@ -221,6 +221,7 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN2_MOE, "qwen3_next", "Qwen3NextSparseMoeBlock"),
     _like(GRANITEMOE, "granitemoeshared", "GraniteMoeSharedMoE"),  # its shared MLP sits outside the block
     _like(GRANITEMOE, "granitemoehybrid", "GraniteMoeHybridMoE"),
+    _like(GRANITEMOE, "granitemoe_swa", "GraniteMoeSWAMoE"),  # sliding-window attention, the same block
     _like(DEEPSEEK_V3, "glm4_moe", "Glm4MoeMoE"),
     _like(DEEPSEEK_V3, "glm4_moe_lite", "Glm4MoeLiteMoE"),
     _like(DEEPSEEK_V3, "glm_moe_dsa", "GlmMoeDsaMoE"),

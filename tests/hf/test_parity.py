@@ -18,7 +18,7 @@ EXACT = dict(atol=0, rtol=0)
 # families whose transformers model computes a load-balancing loss from the recorded router logits
 AUX_FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "jamba", "granitemoe", "minimax", "flex_olmo", "mellum",
                 "qwen3_next", "granitemoeshared", "granitemoehybrid", "phimoe", "qwen3_vl_moe", "qwen3_5_moe",
-                "glm4v_moe"]
+                "glm4v_moe", "granitemoe_swa"]
 
 
 def left_padded(seed: int = 0, B: int = 3, L: int = 9) -> tuple[torch.Tensor, torch.Tensor]:

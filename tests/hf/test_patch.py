@@ -16,7 +16,8 @@ from tests.hf.tiny import auto_class, tiny_model
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "jamba", "granitemoe",
             "minimax", "flex_olmo", "mellum", "qwen3_next", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "dots1",
             "deepseek_v32", "solar_open", "hy_v4", "granitemoeshared", "granitemoehybrid",
-            "exaone_moe", "phimoe", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe"]
+            "exaone_moe", "phimoe", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe",
+            "granitemoe_swa"]
 # families whose transformers block fixes k whatever `num_experts_per_tok` says
 FIXED_K = {"phimoe": 2}
 TOL = dict(atol=1e-5, rtol=0)

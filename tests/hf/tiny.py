@@ -112,7 +112,7 @@ def auto_class(config):
 
 # Families whose config takes the usual field names: only the fields their config class has are set.
 GENERIC = ("glm4_moe", "dots1", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "solar_open", "hy_v4", "mellum",
-           "granitemoeshared", "granitemoehybrid", "exaone_moe")
+           "granitemoeshared", "granitemoehybrid", "exaone_moe", "granitemoe_swa")
 SIZES = dict(
     intermediate_size=48, moe_intermediate_size=16, head_dim=8, n_routed_experts=8, num_experts=8, num_local_experts=8,
     num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
