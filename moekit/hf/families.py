@@ -98,6 +98,16 @@ def _deepseek_v2(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _sparsemixer(cfg: Any) -> dict[str, Any]:
+    """PhiMoE: SparseMixer, always 2 experts whatever `num_experts_per_tok` says, threshold
+    `router_jitter_noise`."""
+    return {
+        "k": 2,
+        "jitter_eps": float(cfg.router_jitter_noise),
+        "load_balance": float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0),
+    }
+
+
 def _hy_v4_activation(cfg: Any) -> tuple[str, dict[str, Any]]:
     """HY-V4's experts: SiLU whatever `hidden_act` says, gate and up clamped at `swiglu_limit`."""
     limit = getattr(cfg, "swiglu_limit", None)
@@ -172,7 +182,7 @@ GRANITEMOE = Family(
 
 def _like(base: Family, name: str, block: str, **changes: Any) -> Family:
     """A family whose block computes exactly as `base`'s under other class names."""
-    return replace(base, name=name, model_types=(name,), block=block, **changes)
+    return replace(base, **{"name": name, "model_types": (name,), "block": block, **changes})
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -211,6 +221,7 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN2_MOE, "qwen3_next", "Qwen3NextSparseMoeBlock"),
     _like(GRANITEMOE, "granitemoeshared", "GraniteMoeSharedMoE"),  # its shared MLP sits outside the block
     _like(GRANITEMOE, "granitemoehybrid", "GraniteMoeHybridMoE"),
+    _like(GRANITEMOE, "granitemoe_swa", "GraniteMoeSWAMoE"),  # sliding-window attention, the same block
     _like(DEEPSEEK_V3, "glm4_moe", "Glm4MoeMoE"),
     _like(DEEPSEEK_V3, "glm4_moe_lite", "Glm4MoeLiteMoE"),
     _like(DEEPSEEK_V3, "glm_moe_dsa", "GlmMoeDsaMoE"),
@@ -219,6 +230,24 @@ FAMILIES: tuple[Family, ...] = (
     _like(DEEPSEEK_V3, "solar_open", "SolarOpenMoE"),
     _like(DEEPSEEK_V3, "hy_v4", "HYV4MoE", expert_activation=_hy_v4_activation),
     _like(DEEPSEEK_V3, "exaone_moe", "ExaoneMoeSparseMoEBlock", num_experts_key="num_experts"),
+    # Multimodal models whose text blocks route as Qwen3-MoE / Qwen3-Next with renormalisation always on
+    # (their config has no `norm_topk_prob`); the blocks are patched wherever they sit in the model.
+    _like(OLMOE, "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+          router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
+    _like(QWEN2_MOE, "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+          router_args=_topk(lambda cfg: True), config_keys={"k": "num_experts_per_tok"}),
+    _like(DEEPSEEK_V3, "glm4v_moe", "Glm4vMoeTextMoE", model_types=("glm4v_moe", "glm4v_moe_text")),
+    Family(
+        name="phimoe",
+        model_types=("phimoe",),
+        block="PhimoeSparseMoeBlock",
+        router="sparsemixer",
+        router_args=_sparsemixer,
+        num_experts_key="num_local_experts",
+        config_keys={"jitter_eps": "router_jitter_noise"},  # k is always 2 in transformers' PhiMoE
+        gate="router",
+        notes="`input_jitter_noise` (training only, 0 by default) is not applied",
+    ),
 )
 
 

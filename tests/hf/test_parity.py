@@ -11,13 +11,14 @@ import torch
 
 import moekit.hf as mh
 from moekit.layers.activations import get_activation
-from tests.hf.test_patch import FAMILIES
+from tests.hf.test_patch import FAMILIES, FIXED_K
 from tests.hf.tiny import tiny_model
 
 EXACT = dict(atol=0, rtol=0)
 # families whose transformers model computes a load-balancing loss from the recorded router logits
 AUX_FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "jamba", "granitemoe", "minimax", "flex_olmo", "mellum",
-                "qwen3_next", "granitemoeshared", "granitemoehybrid"]
+                "qwen3_next", "granitemoeshared", "granitemoehybrid", "phimoe", "qwen3_vl_moe", "qwen3_5_moe",
+                "glm4v_moe", "granitemoe_swa"]
 
 
 def left_padded(seed: int = 0, B: int = 3, L: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def test_odd_sizes_left_padded_logits_and_generation(family):
             keep = mask.bool()
             torch.testing.assert_close(got[keep], want[keep], **EXACT, msg=f"{family} {backend}")
     patched = _patched(ref)
-    assert all(layer.moe.router.k == 3 for layer in mh.patched_layers(patched))
+    assert all(layer.moe.router.k == FIXED_K.get(family, 3) for layer in mh.patched_layers(patched))
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(patched.generate(ids, **kw), ref.generate(ids, **kw), **EXACT)
 

@@ -56,14 +56,63 @@ def tiny_config(family: str):
                               mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)
     if family == "granitemoe":
         return tf.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if family == "phimoe":  # a wide SparseMixer threshold: several experts compete in each slot
+        return tf.PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                               router_jitter_noise=0.3)
     if family in GENERIC:
         return generic_config(family)
+    if family in MULTIMODAL:
+        return multimodal_config(family)
     raise KeyError(family)
+
+
+# Multimodal models (a vision tower and a text model with MoE blocks): tiny text and vision sub-configs.
+MULTIMODAL = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe")
+VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, num_position_embeddings=16,
+              deepstack_visual_indexes=[0])
+LINEAR_ATTENTION = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=8)
+
+
+def multimodal_config(family: str, *, odd: bool = False):
+    """A multimodal config of `family` whose text model has the sizes of `tiny_config` (or `odd_config`):
+    Qwen3.5-MoE with one linear-attention (Gated DeltaNet) layer first; GLM-4.5V with DeepSeek-V3 groups
+    (6 experts in 3 groups at odd sizes) and head width 12 (its 3-axis RoPE needs 3 frequencies)."""
+    from transformers import AutoConfig
+
+    text = {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}
+    text.update(head_dim=8, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                num_experts=8, num_experts_per_tok=2)
+    if odd:
+        text.update(hidden_size=40, head_dim=10, num_hidden_layers=3, intermediate_size=26, moe_intermediate_size=13,
+                    shared_expert_intermediate_size=13, num_experts=5, num_experts_per_tok=3)
+    if family == "glm4v_moe":  # DeepSeek-V3 routing (groups, shared expert, first layer dense); 3-axis RoPE
+        E = text.pop("num_experts")
+        text.update(n_routed_experts=E if not odd else 6, n_group=4 if not odd else 3, topk_group=2,
+                    first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, head_dim=12,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 1],
+                                     "partial_rotary_factor": 0.5})
+    if family == "qwen3_5_moe":
+        kinds = ["linear_attention"] + ["full_attention"] * (text["num_hidden_layers"] - 1)
+        text.update(LINEAR_ATTENTION, layer_types=kinds)
+    cls = type(AutoConfig.for_model(family))
+    return cls(text_config=text, vision_config={**VISION, "out_hidden_size": text["hidden_size"]},
+               tie_word_embeddings=False)
+
+
+def auto_class(config):
+    """The transformers auto class that builds `config`'s generative model: AutoModelForCausalLM, or
+    AutoModelForImageTextToText for multimodal models it has no mapping for."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForCausalLM if causal else AutoModelForImageTextToText
 
 
 # Families whose config takes the usual field names: only the fields their config class has are set.
 GENERIC = ("glm4_moe", "dots1", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "solar_open", "hy_v4", "mellum",
-           "granitemoeshared", "granitemoehybrid", "exaone_moe")
+           "granitemoeshared", "granitemoehybrid", "exaone_moe", "granitemoe_swa")
 SIZES = dict(
     intermediate_size=48, moe_intermediate_size=16, head_dim=8, n_routed_experts=8, num_experts=8, num_local_experts=8,
     num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
@@ -109,6 +158,7 @@ ODD_EXTRA = {
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=20, mamba_d_state=8, mamba_n_groups=1,
                              layer_types=["mamba", "attention", "attention"]),
     "hy_v4": dict(swiglu_limit=0.1),  # small enough that both clamps bind
+    "phimoe": dict(router_jitter_noise=0.3),
 }
 MLA = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "glm_moe_dsa", "deepseek_v32", "hy_v4")
 
@@ -120,6 +170,8 @@ def odd_config(family: str):
     or Mamba layer first)."""
     import dataclasses
 
+    if family in MULTIMODAL:
+        return multimodal_config(family, odd=True)
     cls = type(tiny_config(family))
     names = {f.name for f in dataclasses.fields(cls)}
     E = 6 if "n_group" in names else 5
@@ -135,12 +187,11 @@ def tiny_model(family: str, seed: int = 0, *, odd: bool = False, dtype: torch.dt
     non-trivial router weights (and a non-zero DeepSeek score-correction bias). `odd`: at the sizes
     of `odd_config`. `dtype` (e.g. bfloat16): the same weights in that dtype, the modules transformers
     keeps in float32 (`_keep_in_fp32_modules_strict`) kept so, as `from_pretrained(dtype=...)` does."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     config = odd_config(family) if odd else tiny_config(family)
     kw = dict(attn_implementation="eager", experts_implementation="eager")
-    model = AutoModelForCausalLM.from_config(config, **kw)
+    auto = auto_class(config)
+    model = auto.from_config(config, **kw)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".gate.weight", ".router.weight")):
@@ -149,7 +200,7 @@ def tiny_model(family: str, seed: int = 0, *, odd: bool = False, dtype: torch.dt
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)
     if dtype is not None:
-        cast = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        cast = auto.from_config(config, dtype=dtype, **kw)
         cast.load_state_dict(model.state_dict())
         model = cast
     return model.eval()

@@ -165,7 +165,7 @@ def test_routers_declare_what_they_need(name):
 KEEP = [1, 2, 4, 5, 6, 7]  # experts 0 and 3 removed
 # Routers whose pruned routing equals the old routing with the removed experts' scores at -inf.
 MASKED = {"topk", "switch", "moec", "recurrent", "autonomy", "smoe_dropout", "prototype", "uncertainty", "nexus",
-          "null_experts", "topp", "smear", "deepseek"}
+          "null_experts", "topp", "smear", "deepseek", "sparsemixer"}
 # The others, and why "equal to masking" does not hold for them:
 NOT_MASKED = {
     "expert_choice": "each expert's capacity ceil(cf T k / E) depends on E, and removed experts took tokens",
@@ -203,6 +203,11 @@ def _masked_reference(name: str, old: torch.nn.Module, r: Routing, removed: torc
         w = s.gather(1, ids)
         return _dense(ids, w / w.sum(-1, keepdim=True) * old.routed_scaling_factor, E)
     scores = r.logits.float()
+    if name == "sparsemixer":  # removed experts at -inf never pass the threshold nor take a slot
+        from tests.routing.test_sparsemixer import sparsemixer_reference
+
+        ids, w = sparsemixer_reference(scores.double().masked_fill(removed, inf), old.k, old.jitter_eps)
+        return _dense(ids, w.float(), E)
     if name == "uncertainty":  # weights from the variance-tempered scores
         scores = scores / torch.sqrt(1.0 + torch.pi * r.meta["variance"] / 8.0)
     if name == "null_experts":
