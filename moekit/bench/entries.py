@@ -113,6 +113,8 @@ ENTRIES: dict[str, Entry] = {
     "uncertainty": Entry("uncertainty", {"k": 2}),
     "nexus": Entry("nexus", {"k": 2}, note="Nexus router trained from scratch: fixed random domain embeddings through "
                                             "a learned SwiGLU projection (no domains here; see docs/convert.md)"),
+    "sparsemixer": Entry("sparsemixer", {"k": 2}, note="SparseMixer / GRIN (PhiMoE): sampled experts in training "
+                                                         "with GRIN's gradient estimate"),
     "chain": Entry("topk", {"k": 1}, model={"moe_iterations": 2}, note="Chain-of-Experts: 2 iterations of top-1"),
     "smear": Entry("smear", {}, expert_scale=2, model={"experts": "smear"},
                    note="one merged expert of width 2F per token (causal prefix routing); the per-token merge "
