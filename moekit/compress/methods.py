@@ -121,6 +121,14 @@ OTHERS: dict[str, CompressMethod] = {
 }
 
 
+# methods that train (moekit's trainer), with their own library calls: `moekit.compress.distill.distill_run`,
+# `moekit.compress.qat.qat_run`; `moekit compress --list` prints them with the others
+TRAINED: dict[str, str] = {
+    "distill": "train a student run on KL(teacher || student) + LM loss (KD; Every Expert Matters augmentation)",
+    "qat": "quantization-aware fine-tuning of routed experts to binary (BinaryConnect) or ternary (MoTE) weights",
+}
+
+
 def list_compressors() -> dict[str, str]:
     """name -> one-line description of every compression method, sorted by name."""
     return dict(sorted({**list_methods(), **{n: m.description for n, m in OTHERS.items()}}.items()))
