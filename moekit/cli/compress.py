@@ -29,6 +29,9 @@ def compress(
     calib: Annotated[Path | None, typer.Option(
         help="Hugging Face SRC only: calibration file, token ids (.json list, .npy) or text (tokenized with "
              "the checkpoint's tokenizer); default: the built-in corpus")] = None,
+    budget: Annotated[str, typer.Option(
+        help="pruning: uniform (--ratio of every layer) | adaptive (the same total, spread over the layers by "
+             "their reconstruction error; moekit runs only)")] = "uniform",
     protect_super: Annotated[bool, typer.Option("--protect-super/--no-protect-super",
                                                 help="keep super experts (the analyze rule)")] = True,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="print validation loss before/after")] = True,
@@ -76,6 +79,9 @@ def compress(
                              f"{method!r}; merge and decompose work on moekit runs")
         if rank is not None or sparsity:
             raise ValueError("compress: --rank and --sparsity are for mcsmoe / svd on a moekit run")
+        if budget != "uniform":
+            raise ValueError(f"compress: --budget {budget} needs a moekit run; a Hugging Face config holds one "
+                             "expert count for all layers")
         report = compress_hf(method, run, out, ratio=0.25 if ratio is None else ratio, calib=calib,
                              calib_batches=calib_batches, calib_seq_len=calib_seq_len or 256,
                              protect_super_experts=protect_super, evaluate=evaluate, force=force)
@@ -87,7 +93,7 @@ def compress(
 
         report = compress_run(method, run, out, ratio=ratio, rank=rank, sparsity=sparsity,
                               calib_batches=calib_batches, calib_seq_len=calib_seq_len,
-                              protect_super_experts=protect_super, evaluate=evaluate, force=force)
+                              protect_super_experts=protect_super, evaluate=evaluate, force=force, budget=budget)
     typer.echo(report.table())
     typer.echo(f"wrote {out}")
 
