@@ -103,3 +103,13 @@ def test_adaptive_budget_needs_calibration_inputs_and_hf_refuses_unequal_counts(
     with pytest.raises(ValueError, match="cannot store the compressed model"):
         save_hf(hf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_unequal_expert_counts():
+    pytest.importorskip("transformers")
+    from moekit.hf.export import ExportError, hf_config_for
+
+    cfg = tiny_lm(num_experts=6, expert_hidden=16, num_experts_per_layer=[6, 3])
+    with pytest.raises(ExportError, match=r"different expert counts \[6, 3\]"):
+        hf_config_for(cfg, "mixtral")
+    hf_config_for(cfg.replace(num_experts_per_layer=[6, 6]), "mixtral")  # equal counts export
