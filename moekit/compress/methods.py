@@ -29,6 +29,7 @@ class CompressOptions:
     rank: int | None = None  # svd: rank of every layer's deltas (instead of ratio); mcsmoe: rank of the C step
     sparsity: float = 0.0  # mcsmoe C step: fraction of the low-rank residual's entries zeroed, in [0, 1]
     protect_super_experts: bool = True  # keep super experts (pruning: kept; mcsmoe: kept alone)
+    budget: str = "uniform"  # pruning: "uniform" (ratio of every layer) | "adaptive" (layer-adaptive, same total)
 
     def __post_init__(self) -> None:
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float)):
@@ -37,6 +38,10 @@ class CompressOptions:
             raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float) or not 0 <= self.sparsity <= 1:
             raise ValueError(f"sparsity must be a fraction in [0, 1], got {self.sparsity!r}")
+        from moekit.compress.prune import BUDGETS
+
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {list(BUDGETS)}, got {self.budget!r}")
 
     @property
     def expert_ratio(self) -> float:
@@ -67,14 +72,21 @@ def _check_ratio(model: nn.Module, opts: CompressOptions) -> None:
 
 def _pruner(name: str) -> CompressMethod:
     def apply(model: nn.Module, cal: Calibration | None, opts: CompressOptions) -> Any:
-        return prune(model, name, cal, ratio=opts.expert_ratio, protect_super_experts=opts.protect_super_experts)
+        return prune(model, name, cal, ratio=opts.expert_ratio, protect_super_experts=opts.protect_super_experts,
+                     budget=opts.budget)
 
     return CompressMethod(list_methods()[name], True, _check_ratio, apply)
+
+
+def _uniform_only(name: str, opts: CompressOptions) -> None:
+    if opts.budget != "uniform":
+        raise ValueError(f"{name}: --budget {opts.budget} is for the pruning methods")
 
 
 def _check_mcsmoe(model: nn.Module, opts: CompressOptions) -> None:
     from moekit.compress.mcsmoe import check_compress_args
 
+    _uniform_only("mcsmoe", opts)
     _check_ratio(model, opts)
     experts = moe_layers(model)[0][1].experts
     check_compress_args(opts.rank, opts.sparsity, experts.dim, experts.hidden)
@@ -96,6 +108,7 @@ def _check_svd(model: nn.Module, opts: CompressOptions) -> None:
     from moekit.layers.lowrank import max_rank
 
     _num_experts(model)
+    _uniform_only("svd", opts)
     if opts.rank is not None and opts.ratio is not None:
         raise ValueError("svd: give --rank or --ratio, not both")
     if opts.ratio is not None and not 0 < opts.ratio < 1:
@@ -118,6 +131,14 @@ OTHERS: dict[str, CompressMethod] = {
                              _check_mcsmoe, _mcsmoe),
     "svd": CompressMethod("shared base + low-rank per-expert deltas by SVD (D^2-MoE style, no calibration)", False,
                           _check_svd, _svd),
+}
+
+
+# methods that train (moekit's trainer), with their own library calls: `moekit.compress.distill.distill_run`,
+# `moekit.compress.qat.qat_run`; `moekit compress --list` prints them with the others
+TRAINED: dict[str, str] = {
+    "distill": "train a student run on KL(teacher || student) + LM loss (KD; Every Expert Matters augmentation)",
+    "qat": "quantization-aware fine-tuning of routed experts to binary (BinaryConnect) or ternary (MoTE) weights",
 }
 
 

@@ -60,7 +60,7 @@ class CompressReport:
 def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float | None = None,
                  rank: int | None = None, sparsity: float = 0.0, calib_batches: int = 16,
                  calib_seq_len: int | None = None, calib_batch_size: int = 8, protect_super_experts: bool = True,
-                 evaluate: bool = True, force: bool = False, seed: int = 0) -> CompressReport:
+                 evaluate: bool = True, force: bool = False, seed: int = 0, budget: str = "uniform") -> CompressReport:
     """Compress the model of `run` with `method` (`moekit.compress.methods.list_compressors()`) and write the
     result as the run folder `out`; see the module docstring.
 
@@ -71,13 +71,15 @@ def compress_run(method: str, run: str | Path, out: str | Path, *, ratio: float 
         sparsity: mcsmoe: fraction of the low-rank residual's entries zeroed in that step.
         calib_batches, calib_seq_len, calib_batch_size, seed: the calibration windows of the run's train split
             (methods that calibrate).
+        budget: pruning: "uniform" (the ratio of every layer) or "adaptive" (the same total, layer-adaptive).
     """
     from moekit.data import DataConfig, prepare_data
     from moekit.train.checkpoint import CKPT, checkpoint_dir, load_model, read_meta, save_checkpoint
     from moekit.train.evaluate import validation_windows
 
     spec = get_compressor(method)  # unknown names fail before anything is read
-    opts = CompressOptions(ratio=ratio, rank=rank, sparsity=sparsity, protect_super_experts=protect_super_experts)
+    opts = CompressOptions(ratio=ratio, rank=rank, sparsity=sparsity, protect_super_experts=protect_super_experts,
+                           budget=budget)
     if calib_batches < 1:
         raise ValueError(f"--calib-batches must be >= 1, got {calib_batches}")
     out = Path(out)

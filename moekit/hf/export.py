@@ -123,6 +123,10 @@ def hf_config_for(lm_config: Any, family: str) -> Any:
     reasons: list[str] = []
     if not cfg.num_experts:
         reasons.append("the model is dense (num_experts=0); export needs an MoE model")
+    per_layer = getattr(cfg, "num_experts_per_layer", None)
+    if per_layer is not None and len({c for c in per_layer if c}) > 1:
+        reasons.append(f"its MoE layers have different expert counts {per_layer} "
+                       f"(num_experts_per_layer); a {family} config holds one expert count for all layers")
     fields: dict[str, Any] = {}
     if cfg.num_experts:
         _router_config(cfg, spec, fields, reasons)

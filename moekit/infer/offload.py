@@ -320,6 +320,9 @@ def load_offloaded(
     cfg = read_model_config(ckpt)
     if not cfg.num_experts:
         raise ValueError(f"{ckpt}: a dense model has no experts to offload")
+    if cfg.num_experts_per_layer is not None and len({c for c in cfg.num_experts_per_layer if c}) > 1:
+        raise ValueError(f"{ckpt}: offloading needs one expert count in every MoE layer, the model has "
+                         f"num_experts_per_layer={cfg.num_experts_per_layer}")
     if cfg.experts != "ffn" or cfg.share_blocks:
         raise ValueError(
             f"{ckpt}: offloading supports experts='ffn' without share_blocks, got experts={cfg.experts!r}, "

@@ -4,9 +4,10 @@
 is: "film" (MoFME feature-modulated experts), "smear" (SMEAR merged experts), "duo" (Duo-LLM big and
 small experts), "autonomy" (Autonomy-of-Experts factorised experts, with the `autonomy` router), "hecto"
 (Hecto GRU + FFN experts), "lowrank" (a shared base plus per-expert low-rank deltas, what expert decomposition
-writes: moekit.compress.decompose). Every variant takes `num_experts`, `dim`, `hidden`, `activation` and its own
-keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant that needs more names the
-keywords in its signature ("hecto": `seq_len`, `cache`, `layer`, `iteration`), and `MoE` passes them
+writes: moekit.compress.decompose), "qat" (binary or ternary weights with a straight-through estimator,
+what quantization-aware training trains: moekit.compress.qat). Every variant takes `num_experts`, `dim`, `hidden`,
+`activation` and its own keyword arguments, and has `forward(x [T, D], routing) -> [T, D]`; a variant that needs
+more names the keywords in its signature ("hecto": `seq_len`, `cache`, `layer`, `iteration`), and `MoE` passes them
 (`moekit.layers.moe.EXPERTS_KEYWORDS`). A variant that needs whole sequences says `needs_full_sequence = True`.
 A variant whose constructor takes `layer` gets the block index it is built for (so a config can hold per-layer
 sizes: "lowrank"'s per-block ranks).
@@ -27,6 +28,7 @@ from moekit.layers.experts import Experts
 from moekit.layers.film import FiLMExperts
 from moekit.layers.hecto import HectoExperts
 from moekit.layers.lowrank import LowRankExperts
+from moekit.layers.qat import QATExperts
 from moekit.layers.smear import SmearExperts
 from moekit.utils.registry import Registry
 
@@ -40,6 +42,7 @@ register_experts("duo")(DuoExperts)
 register_experts("autonomy")(AutonomyExperts)
 register_experts("hecto")(HectoExperts)
 register_experts("lowrank")(LowRankExperts)
+register_experts("qat")(QATExperts)
 
 
 def build_experts(

@@ -40,7 +40,10 @@ class LMConfig:
     ffn_init_mult: float = 1.0  # multiplies the init std of feed-forward weights: dense MLP, routed and shared experts
     ffn_out_mult: float = 1.0  # multiplies every feed-forward block's output (dense MLP or whole MoE layer)
     # Mixture of experts: num_experts = 0 means every feed-forward block is dense.
-    num_experts: int = 0  # routed experts per MoE layer (E)
+    num_experts: int = 0  # routed experts per MoE layer (E; with num_experts_per_layer, the largest layer's)
+    # routed experts of each block (one entry per block, 0 for dense blocks; e.g. after layer-adaptive pruning);
+    # None: num_experts in every MoE block
+    num_experts_per_layer: list[int] | None = None
     expert_hidden: int = 512  # width of one routed expert (F)
     router: str = "topk"  # registered router name (moekit.routing.list_routers())
     router_args: dict[str, Any] = field(default_factory=lambda: {"k": 2})  # router keyword arguments
@@ -118,12 +121,36 @@ class LMConfig:
         if not isinstance(self.experts_args, dict):
             raise ValueError(f"LMConfig.experts_args must be a dict, got {type(self.experts_args).__name__}")
         self._check_depth()
+        self._check_per_layer()
         if not isinstance(self.router_args, dict):
             raise ValueError(f"LMConfig.router_args must be a dict, got {type(self.router_args).__name__}")
         if self.num_experts:
             from moekit.routing import get_router
 
             get_router(self.router)  # unknown names list the known ones
+
+    def _check_per_layer(self) -> None:
+        counts = self.num_experts_per_layer
+        if counts is None:
+            return
+        want = [self.num_experts if self.is_moe_layer(i) else 0 for i in range(self.n_layers)]
+        ok = isinstance(counts, list) and len(counts) == self.n_layers and all(
+            isinstance(c, int) and not isinstance(c, bool) and (c >= 1 if w else c == 0)
+            for c, w in zip(counts, want, strict=False))
+        if not ok or not self.num_experts or max(counts) != self.num_experts:
+            raise ValueError(
+                f"LMConfig.num_experts_per_layer must be None or a list of {self.n_layers} integers (one per block: "
+                f">= 1 for MoE blocks, 0 for dense blocks {[i for i, w in enumerate(want) if not w]}) whose largest is "
+                f"num_experts={self.num_experts}, got {counts!r}"
+            )
+        if self.share_blocks:
+            raise ValueError("LMConfig.num_experts_per_layer needs share_blocks=False (WideNet shares one MoE layer)")
+
+    def experts_in(self, layer: int) -> int:
+        """Routed experts of block `layer`'s MoE layer (0 for a dense block)."""
+        if not self.is_moe_layer(layer):
+            return 0
+        return self.num_experts if self.num_experts_per_layer is None else self.num_experts_per_layer[layer]
 
     def _check_depth(self) -> None:
         from moekit.models.depth import MOD_CAUSAL, MOD_GATES

@@ -140,9 +140,11 @@ class Attention(nn.Module):
 
 
 def routed_experts(cfg: LMConfig, layer: int | None = None) -> nn.Module:
-    """The routed experts of the MoE layer of block `layer`: `Experts`, or the variant named by `cfg.experts`."""
+    """The routed experts of the MoE layer of block `layer`: `Experts`, or the variant named by `cfg.experts`
+    (`cfg.experts_in(layer)` experts; `cfg.num_experts` when no block is given)."""
+    E = cfg.experts_in(layer) if layer is not None else cfg.num_experts
     return build_experts(
-        cfg.experts, num_experts=cfg.num_experts, dim=cfg.dim, hidden=cfg.expert_hidden, activation=cfg.activation,
+        cfg.experts, num_experts=E, dim=cfg.dim, hidden=cfg.expert_hidden, activation=cfg.activation,
         backend=cfg.dispatch, layer=layer, **cfg.experts_args,
     )
 
@@ -155,7 +157,7 @@ def build_ffn(cfg: LMConfig, layer: int) -> nn.Module:
     if cfg.num_shared_experts:
         shared = MLP(dim=cfg.dim, hidden=cfg.num_shared_experts * cfg.expert_hidden, activation=cfg.activation)
     routers = [
-        build_router(cfg.router, dim=cfg.dim, num_experts=cfg.num_experts, **cfg.router_args)
+        build_router(cfg.router, dim=cfg.dim, num_experts=cfg.experts_in(layer), **cfg.router_args)
         for _ in range(cfg.moe_iterations)
     ]
     return MoE(

@@ -73,6 +73,11 @@ def make_optimizer(model: MoELM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+# extra_loss(inputs [B, L], targets [B, L], the student's LMOutput) -> a scalar added to the training loss
+# (already weighted), e.g. a distillation term (moekit.compress.distill)
+ExtraLoss = Callable[[Tensor, Tensor, LMOutput], Tensor]
+
+
 def micro_batch_loss(
     model: MoELM, x: Tensor, y: Tensor, consistency: float, precision: Any = None
 ) -> tuple[Tensor, Tensor, Tensor, LMOutput]:
@@ -231,6 +236,7 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int], None] | None = None,
     init: str | Path | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
     """Train `model_cfg` with `train_cfg` into `run_dir`.
 
@@ -245,6 +251,8 @@ def train(
     `init` (a checkpoint or run folder, e.g. one `moekit convert` wrote) starts a new run from its weights
     instead of a random init, with a fresh optimiser and schedule; its tensors must fit `model_cfg`. A resumed
     run continues from its own checkpoint and ignores `init`.
+    `extra_loss(x, y, out)` adds a term to every micro-batch's loss (logged as "extra"): e.g. distillation from a
+    teacher (`moekit.compress.distill`). A resumed run must be given the same function again.
     """
     run_dir = Path(run_dir)
     if resume and overwrite:
@@ -272,6 +280,7 @@ def train(
             on_step=on_step,
             stop=stop,
             init=init,
+            extra_loss=extra_loss,
         )
 
 
@@ -289,6 +298,7 @@ def _train(
     on_step: Callable[[int], None] | None,
     stop: StopRequest,
     init: str | Path | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
     """The loop of `train`, in a run folder already claimed."""
     train_log_path, eval_log_path = run_dir / "train.jsonl", run_dir / "eval.jsonl"
@@ -388,12 +398,17 @@ def _train(
                 )
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss_sum, aux_sum, cons_sum, balance = 0.0, 0.0, 0.0, float("nan")
+                loss_sum, aux_sum, cons_sum, extra_sum, balance = 0.0, 0.0, 0.0, 0.0, float("nan")
                 for _ in range(train_cfg.grad_accum):
                     x, y, _labels = train_data.sample_batch(train_cfg.batch_size, train_cfg.seq_len, data_gen)
                     x, y = x.to(device), y.to(device)  # no copy on CPU
                     ce, aux, cons, out = micro_batch_loss(model, x, y, train_cfg.consistency, precision)
-                    ((ce + aux + train_cfg.consistency * cons) / train_cfg.grad_accum).backward()
+                    extra = ce.new_zeros(())
+                    if extra_loss is not None:
+                        with precision if precision is not None else contextlib.nullcontext():
+                            extra = extra_loss(x, y, out)
+                    ((ce + aux + train_cfg.consistency * cons + extra) / train_cfg.grad_accum).backward()
+                    extra_sum += float(extra.detach()) / train_cfg.grad_accum
                     loss_sum += float(ce.detach()) / train_cfg.grad_accum
                     aux_sum += float(aux.detach()) / train_cfg.grad_accum
                     cons_sum += float(cons.detach()) / train_cfg.grad_accum
@@ -417,6 +432,8 @@ def _train(
                     }
                     if train_cfg.consistency:
                         row["consistency"] = cons_sum
+                    if extra_loss is not None:
+                        row["extra"] = extra_sum
                     train_log.append(row)
                     _append_jsonl(train_log_path, row)
                 if step % train_cfg.eval_every == 0 or step == train_cfg.steps:

@@ -53,7 +53,8 @@ def test_compress_errors_write_nothing(trained_run, tmp_path):
 def test_compress_list():
     r = invoke("compress", "--list")
     assert r.exit_code == 0
-    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "mcsmoe", "naee", "reap", "svd"]
+    assert [line.split()[0] for line in r.output.splitlines()] == ["frequency", "mcsmoe", "naee", "reap", "svd",
+                                                                        "distill", "qat"]
 
 
 def test_compress_merge_and_decompose_write_runs_eval_reads(trained_run, tmp_path):

@@ -107,6 +107,7 @@ def test_autonomy_equals_experts_with_factorised_gate():
         ("duo", "null_experts", {"k": 1, "num_null": 1, "normalize": False}, {"small_hidden": 4}, 2),
         ("autonomy", "autonomy", {"k": 2, "rank": 4}, {"rank": 4}, 4),
         ("lowrank", "topk", {"k": 2}, {"rank": {"0": 3, "1": 1}}, 4),
+        ("qat", "topk", {"k": 2}, {"mode": "binary"}, 4),
     ],
 )
 def test_lm_builds_and_trains_with_each_variant(experts, router, router_args, experts_args, E_):
@@ -145,6 +146,7 @@ def test_every_variant_declares_its_flops_per_token():
         "duo": 2 * 3 * D_ * (F_ * 6 + 3 * 4) / T_,  # big (F) and small (F // 4 = 3) experts
         "hecto": (gated * 6 + 2 * (3 * (D_ * 5 + 5 * 5) + 5 * D_) * 4) / T_,  # FFN, then GRU of hidden 5
         "lowrank": gated,  # rank 0 (default): the shared base once per token, no per-slot delta
+        "qat": gated * 10 / T_,  # fused experts with quantized weights: every slot one expert
     }
     assert set(expected) == set(variants.EXPERTS_VARIANTS)
     for name, want in expected.items():

@@ -65,7 +65,7 @@ def test_register_backend_rejects_a_taken_name():
 def test_the_four_registries_share_one_api():
     assert dispatch.BACKENDS.list() == list_backends()
     assert router_registry.ROUTERS.list() == list_routers()
-    assert variants.EXPERTS_VARIANTS.list() == ["autonomy", "duo", "ffn", "film", "hecto", "lowrank", "smear"]
+    assert variants.EXPERTS_VARIANTS.list() == ["autonomy", "duo", "ffn", "film", "hecto", "lowrank", "qat", "smear"]
     assert llm_routers.registry.ROUTERS.list() == llm_routers.list_routers()
     for reg, kind in ((dispatch.BACKENDS, "dispatch backend"), (router_registry.ROUTERS, "router"),
                       (variants.EXPERTS_VARIANTS, "experts variant"), (llm_routers.registry.ROUTERS, "router")):
