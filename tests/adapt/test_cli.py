@@ -46,7 +46,8 @@ def test_adapt_errors_write_nothing(trained_run, tmp_path):
     dst = tmp_path / "out" / "a"
     cases = [
         (["adapt", "nope", trained_run, "--out", dst], "unknown adapt method 'nope'"),
-        (["adapt", "mixlora", trained_run, "--out", dst, "--targets", "nosuch"], "matches no nn.Linear"),
+        (["adapt", "mixlora-proj", trained_run, "--out", dst, "--targets", "nosuch"], "matches no nn.Linear"),
+        (["adapt", "mixlora", trained_run, "--out", dst], "'mlp' matches no feed-forward block"),  # an MoE run
         (["adapt", "lora", trained_run, "--out", dst, "--targets", "q_proj", "--rank", "100"], "rank=100 is larger"),
     ]
     for args, msg in cases:
@@ -54,7 +55,7 @@ def test_adapt_errors_write_nothing(trained_run, tmp_path):
         assert r.exit_code == 1 and msg in r.output, r.output
         assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
         assert not dst.exists()
-    ok = invoke("adapt", "mixlora", trained_run, "--out", dst, "--targets", "q_proj", "--experts", "2", "--k", "1",
+    ok = invoke("adapt", "mixlora-proj", trained_run, "--out", dst, "--targets", "q_proj", "--experts", "2", "--k", "1",
                 "--rank", "2", "--steps", "1", "--no-eval")
     assert ok.exit_code == 0, ok.output
     m = invoke("adapt", "merge", dst, "--out", tmp_path / "m")
