@@ -52,7 +52,7 @@ def finetune(model: nn.Module, source: Any, *, steps: int, batch_size: int, seq_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step, "loss": float(ce), "aux": float(aux)})
+        log.append({"step": step, "loss": float(ce.detach()), "aux": float(aux.detach())})
     model.eval()
     if groups:
         set_sample_groups(model, None)
