@@ -38,7 +38,9 @@ def fit_rank(base: torch.nn.Module, name: str, kw: dict, budget: int) -> tuple[i
         try:
             n = trainable(attach(copy.deepcopy(base), method_config(name, rank=rank, **kw)))
         except ValueError:
-            break  # rank larger than a layer, or k > ranks for SMoRA
+            continue  # e.g. SMoRA's k ranks need rank >= k
+        if n > 2 * budget:
+            break
         if best is None or abs(n - budget) < abs(best[1] - budget):
             best = (rank, n)
     if best is None:
@@ -74,7 +76,7 @@ def quality(args: Any, methods: dict[str, dict]) -> dict[str, Any]:
         for seed in args.seeds:
             torch.manual_seed(seed)
             model = attach(load_model(ckpt), method_config(name, rank=rank, **kw))
-            finetune(model, data.train, steps=args.steps, batch_size=batch, seq_len=seq_len, lr=3e-3, seed=seed)
+            finetune(model, data.train, steps=args.steps, batch_size=batch, seq_len=seq_len, lr=args.lr, seed=seed)
             r = evaluate(model, windows, batch_size=batch)
             per_seed.append({"all": r.loss, **r.loss_per_label})
         keys = ["all", *domains]
@@ -98,4 +100,4 @@ def quality(args: Any, methods: dict[str, dict]) -> dict[str, Any]:
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
     tmp.cleanup()
     return {"base": str(run), "base_loss": {"all": before.loss, **before.loss_per_label}, "budget": budget,
-            "steps": args.steps, "seeds": args.seeds, "methods": rows}
+            "steps": args.steps, "lr": args.lr, "seeds": args.seeds, "methods": rows}

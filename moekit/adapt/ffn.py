@@ -15,7 +15,8 @@ optional: act(W_up x) when absent) and an activation as `act_fn` (transformers' 
 
 Paths as in `moekit.adapt.layer`: the dense path computes every expert's hidden [T, E, F] (the reference; soft
 routers); the sparse path gathers the k chosen experts' A and B per token ([T, k, ...]) when k < E and
-T * k <= `sparse_max_slots`.
+T * k <= `sparse_max_slots` (generation); the grouped path (k < E, more token-slots: training) sorts the
+token-slots by expert and runs each expert's LoRAs on its rows only ([T * k, F] hidden states instead of [T, E, F]).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.adapt.balance import localized_balance_aux
-from moekit.adapt.layer import dense_gates, is_sparse, routing_slots
+from moekit.adapt.layer import dense_gates, grouped_rows, is_sparse, per_expert, routing_slots
 from moekit.routing.registry import build_router
 from moekit.routing.routing import Routing
 
@@ -157,12 +158,34 @@ class LoRAFFNExperts(nn.Module):
             ids, w = routing_slots(routing)
         return self._mix(x, w, lambda proj, inp: proj.chosen(inp, ids))
 
+    def forward_grouped(self, x: Tensor, routing: Routing) -> Tensor:
+        """x [T, D] -> y [T, D]: token-slots sorted by expert, each expert's LoRAs applied to its own rows."""
+        base, s = self.base, self.scaling
+        tok, w, counts = grouped_rows(routing, self.num_experts)  # [R], [R], [E]
+        xr = x[tok]  # [R, D]
+
+        def lora(proj: ExpertLoRA, inp: Tensor) -> Tensor:
+            return per_expert(inp, counts, lambda e, v: (v @ proj.lora_A[e].T) @ proj.lora_B[e].T)
+
+        up = base.up_proj(x)[tok] + s * lora(self.up_proj, xr)  # [R, F]
+        h = _activation(base)(base.gate_proj(x)[tok] + s * lora(self.gate_proj, xr)) * up if self.gated else \
+            _activation(base)(up)
+        wr = w[:, None].to(h.dtype)
+        y = base.down_proj(h.new_zeros(x.shape[0], h.shape[1]).index_add(0, tok, wr * h))
+        if base.down_proj.bias is not None:
+            y = y + (routing_slots(routing)[1].to(y.dtype).sum(-1, keepdim=True) - 1) * base.down_proj.bias
+        return y + s * y.new_zeros(y.shape).index_add(0, tok, wr * lora(self.down_proj, h))
+
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]: the routed mixture of expert FFNs (routing per token)."""
         flat = x.reshape(-1, x.shape[-1])
         routing = self.route(flat)
-        sparse = is_sparse(routing, self.num_experts) and flat.shape[0] * routing.top_k <= self.sparse_max_slots
-        y = (self.forward_sparse if sparse else self.forward_dense)(flat, routing)
+        if not is_sparse(routing, self.num_experts):
+            y = self.forward_dense(flat, routing)
+        elif flat.shape[0] * routing.top_k <= self.sparse_max_slots:  # type: ignore[union-attr]
+            y = self.forward_sparse(flat, routing)
+        else:
+            y = self.forward_grouped(flat, routing)  # type: ignore[arg-type]
         if self.localized_balance > 0 and self.training and routing is not None:
             self.last_aux["localized_balance"] = localized_balance_aux(
                 dense_gates(routing, self.num_experts), tuple(x.shape[:-1]), self.sample_groups,

@@ -14,7 +14,9 @@ gates (zero for unchosen experts; the only way for a soft router); the sparse pa
 A and B per token slot and computes only those (A[ids] [T, k, r, in], B[ids] [T, k, out, r]). `forward` takes the
 sparse path when the router is sparse (k < E) and the batch has at most `sparse_max_slots` token-slots (T * k,
 cached generation), where gathering weights is cheaper than computing E experts; `delta_dense` (the reference) and
-`delta_sparse` are public and a test checks that they agree, gradients included.
+`delta_sparse` are public and a test checks that they agree, gradients included. Larger sparse batches (training)
+take the grouped path (`delta_grouped`, kind "experts"): token-slots sorted by expert, each expert's LoRA on its
+rows only.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ def routing_slots(routing: Routing) -> tuple[Tensor, Tensor]:
     ids, w = routing.expert_ids, routing.weights
     valid = ids >= 0
     return ids.clamp_min(0), torch.where(valid, w, torch.zeros_like(w))
+
+
+def grouped_rows(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The token-slots of a routing sorted by expert: (token index [T*k], weight [T*k] (0 for empty slots), the
+    number of rows of each expert [E]) — rows of expert e follow those of e - 1."""
+    ids, w = routing_slots(routing)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order // ids.shape[1], w.reshape(-1)[order], counts
+
+
+def per_expert(rows: Tensor, counts: list[int], fn) -> Tensor:
+    """rows [R, in] sorted by expert (`grouped_rows`) -> cat over experts e of fn(e, its rows) [R, out]."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(fn(e, rows[start:start + n]))
+        start += n
+    return torch.cat(outs)
 
 
 def is_sparse(routing: Routing | None, num_experts: int) -> bool:
@@ -166,12 +188,23 @@ class LoRAExperts(nn.Module):
         b = self.lora_B[ids]  # [T, k, out, r]
         return self.scaling * torch.einsum("tkor,tkr->to", b, h)
 
+    def delta_grouped(self, x: Tensor, routing: Routing) -> Tensor:
+        """x [T, in], a routing -> the scaled LoRA update [T, out]: the token-slots sorted by expert, each expert's
+        LoRA on its own rows only (kind "experts"; the sparse path for many tokens)."""
+        if self.kind != "experts":
+            raise ValueError(f"LoRAExperts.delta_grouped: kind {self.kind!r} has no separate experts")
+        tok, w, counts = grouped_rows(routing, self.num_experts)
+        out = per_expert(x[tok], counts, lambda e, v: (v @ self.lora_A[e].T) @ self.lora_B[e].T)  # [T*k, out]
+        return self.scaling * x.new_zeros(x.shape[0], out.shape[1]).index_add(0, tok, out * w[:, None].to(x.dtype))
+
     def delta(self, x: Tensor) -> Tensor:
         """x [T, in] -> the scaled LoRA update [T, out] (routes, then the sparse or the dense path)."""
         routing = self.route(x)
-        if (self.kind != "ranks" and is_sparse(routing, self.num_experts)
-                and x.shape[0] * routing.top_k <= self.sparse_max_slots):  # type: ignore[union-attr]
-            return self.delta_sparse(x, routing)  # type: ignore[arg-type]
+        if self.kind != "ranks" and is_sparse(routing, self.num_experts):
+            if x.shape[0] * routing.top_k <= self.sparse_max_slots:  # type: ignore[union-attr]
+                return self.delta_sparse(x, routing)  # type: ignore[arg-type]
+            if self.kind == "experts":
+                return self.delta_grouped(x, routing)  # type: ignore[arg-type]
         return self.delta_dense(x, None if routing is None else dense_gates(routing, self.num_experts).to(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:

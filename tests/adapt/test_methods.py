@@ -80,7 +80,7 @@ def test_ffn_block_dense_and_sparse_match_the_reference_loop_with_gradients(rout
     x = torch.randn(6, 12)
     g_out = torch.randn(6, 12)
     ref, g_ref = grads_of(layer, lambda v: block_reference(layer, v), x, g_out)
-    for path in (layer.forward_dense, layer.forward_sparse):
+    for path in (layer.forward_dense, layer.forward_sparse, layer.forward_grouped):
         y, g = grads_of(layer, lambda v, path=path: path(v, layer.router(v)), x, g_out)
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
         for n in g_ref:
@@ -111,6 +111,12 @@ def test_mixlora_layout_aux_loss_and_errors():
     kinds = {n: type(layer).__name__ for n, layer in adapted_layers(model)}
     assert kinds["model.layers.0.mlp"] == "LoRAFFNExperts" and kinds["model.layers.0.self_attn.q_proj"] == "LoRAExperts"
     assert len(kinds) == 2 + 8 and model.model.layers[1].mlp.router.k == 2
+    randomize_b(model)
+    with torch.no_grad():
+        gathered = model(IDS).logits  # 16 tokens x 2 slots: the gather path
+        for _, layer in adapted_layers(model):
+            layer.sparse_max_slots = 0  # now the grouped path, as for a training batch
+        torch.testing.assert_close(model(IDS).logits, gathered, atol=1e-5, rtol=1e-5)
     model.train()
     out = model(IDS, labels=IDS)
     lb = [layer.last_aux["load_balance"] for _, layer in adapted_layers(model) if layer.router is not None]
@@ -134,17 +140,19 @@ def test_sparse_path_equals_dense_path_with_gradients(kind, router_args):
     from moekit.adapt.layer import dense_gates
 
     dense, g_dense = grads_of(layer, lambda v: layer.delta_dense(v, dense_gates(layer.router(v), 4)), x, g_out)
-    sparse, g_sparse = grads_of(layer, lambda v: layer.delta_sparse(v, layer.router(v)), x, g_out)
-    torch.testing.assert_close(sparse, dense)
-    for n in g_dense:
-        torch.testing.assert_close(g_sparse[n], g_dense[n], msg=n)
+    paths = [layer.delta_sparse] + ([layer.delta_grouped] if kind == "experts" else [])
+    for path in paths:
+        sparse, g_sparse = grads_of(layer, lambda v, path=path: path(v, layer.router(v)), x, g_out)
+        torch.testing.assert_close(sparse, dense)
+        for n in g_dense:
+            torch.testing.assert_close(g_sparse[n], g_dense[n], msg=n)
 
 
-def test_forward_takes_the_sparse_path_for_few_tokens_only(monkeypatch):
+def test_forward_takes_the_gather_path_for_few_tokens_and_the_grouped_one_for_many(monkeypatch):
     layer = LoRAExperts(base=nn.Linear(12, 10), kind="experts", num_experts=4, rank=2, alpha=2.0, router="topk",
                         router_args={"k": 2})
     calls = []
-    for name in ("delta_dense", "delta_sparse"):
+    for name in ("delta_dense", "delta_sparse", "delta_grouped"):
         orig = getattr(layer, name)
         monkeypatch.setattr(layer, name, lambda *a, name=name, orig=orig: calls.append(name) or orig(*a))
     layer(torch.randn(1, 3, 12))  # 6 slots: generation-sized
@@ -153,7 +161,7 @@ def test_forward_takes_the_sparse_path_for_few_tokens_only(monkeypatch):
                        router_args={"k": 4})
     monkeypatch.setattr(soft, "delta_sparse", lambda *a: pytest.fail("a soft router must take the dense path"))
     soft(torch.randn(1, 2, 12))
-    assert calls == ["delta_sparse", "delta_dense"]
+    assert calls == ["delta_sparse", "delta_grouped"]
 
 
 def test_localized_balance_loss_by_hand():
