@@ -73,9 +73,9 @@ class ExpertLoRA(nn.Module):
 
     def chosen(self, x: Tensor, ids: Tensor) -> Tensor:
         """x [T, in] (shared) or [T, k, in] (per slot), ids [T, k] -> B_ids A_ids x [T, k, out] (only those)."""
-        a = self.lora_A[ids]  # [T, k, r, in]
-        h = torch.einsum("tkri,ti->tkr" if x.dim() == 2 else "tkri,tki->tkr", a, x)
-        return torch.einsum("tkor,tkr->tko", self.lora_B[ids], h)
+        x = x[:, None, :, None] if x.dim() == 2 else x[..., None]  # [T, 1 or k, in, 1]
+        h = self.lora_A[ids] @ x  # A[ids] [T, k, r, in] -> [T, k, r, 1]
+        return (self.lora_B[ids] @ h).squeeze(-1)  # B[ids] [T, k, out, r] -> [T, k, out]
 
 
 class LoRAFFNExperts(nn.Module):

@@ -184,9 +184,8 @@ class LoRAExperts(nn.Module):
         if self.kind == "shared_a":
             h = (x @ self.lora_A[0].T)[:, None, :] * w[:, :, None]  # [T, k, r]
         else:
-            h = torch.einsum("tkri,ti->tkr", self.lora_A[ids], x) * w[:, :, None]  # A[ids]: [T, k, r, in]
-        b = self.lora_B[ids]  # [T, k, out, r]
-        return self.scaling * torch.einsum("tkor,tkr->to", b, h)
+            h = (self.lora_A[ids] @ x[:, None, :, None]).squeeze(-1) * w[:, :, None]  # A[ids] [T, k, r, in]
+        return self.scaling * (self.lora_B[ids] @ h[..., None]).squeeze(-1).sum(1)  # B[ids] [T, k, out, r]
 
     def delta_grouped(self, x: Tensor, routing: Routing) -> Tensor:
         """x [T, in], a routing -> the scaled LoRA update [T, out]: the token-slots sorted by expert, each expert's
