@@ -70,7 +70,8 @@ def quality(args: Any, methods: dict[str, dict]) -> dict[str, Any]:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     budget = trainable(attach(load_model(ckpt), method_config("lora", rank=args.rank, targets=targets)))
     rows: dict[str, Any] = {}
-    for name, kw in methods.items():
+    for label, kw in methods.items():
+        name, kw = kw.get("method", label), {k: v for k, v in kw.items() if k != "method"}
         rank, n = fit_rank(base, name, kw, budget)
         per_seed = []
         for seed in args.seeds:
@@ -80,11 +81,11 @@ def quality(args: Any, methods: dict[str, dict]) -> dict[str, Any]:
             r = evaluate(model, windows, batch_size=batch)
             per_seed.append({"all": r.loss, **r.loss_per_label})
         keys = ["all", *domains]
-        rows[name] = {"rank": rank, "trainable": n, "per_seed": per_seed,
+        rows[label] = {"rank": rank, "trainable": n, "per_seed": per_seed,
                       "mean": {k: statistics.fmean(s[k] for s in per_seed) for k in keys},
                       "spread": {k: max(s[k] for s in per_seed) - min(s[k] for s in per_seed) for k in keys}}
-        print(f"{name:12s} rank {rank:2d} trainable {n:8,d}  " + "  ".join(
-            f"{k} {rows[name]['mean'][k]:.4f}±{rows[name]['spread'][k]:.4f}" for k in keys), flush=True)
+        print(f"{label:16s} rank {rank:2d} trainable {n:8,d}  " + "  ".join(
+            f"{k} {rows[label]['mean'][k]:.4f}±{rows[label]['spread'][k]:.4f}" for k in keys), flush=True)
     ref = rows["lora"]
     print("\nvs plain LoRA (negative: lower loss than LoRA; 'not seen' when |gap| < 2 x the larger spread)")
     for name, r in rows.items():
@@ -96,7 +97,7 @@ def quality(args: Any, methods: dict[str, dict]) -> dict[str, Any]:
             seen = abs(gap) >= 2 * max(r["spread"][k], ref["spread"][k])
             r.setdefault("gap_vs_lora", {})[k] = {"gap": gap, "seen": seen}
             cells.append(f"{k} {gap:+.4f}{'' if seen else ' (not seen)'}")
-        print(f"{name:12s} " + "  ".join(cells))
+        print(f"{name:16s} " + "  ".join(cells))
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
     tmp.cleanup()
     return {"base": str(run), "base_loss": {"all": before.loss, **before.loss_per_label}, "budget": budget,

@@ -60,3 +60,13 @@ def test_adapt_errors_write_nothing(trained_run, tmp_path):
     assert ok.exit_code == 0, ok.output
     m = invoke("adapt", "merge", dst, "--out", tmp_path / "m")
     assert m.exit_code == 1 and "cannot be merged" in m.output and not (tmp_path / "m").exists(), m.output
+
+
+def test_adapt_loramoe_trains_with_domain_groups(trained_run, tmp_path):
+    out = tmp_path / "loramoe"
+    r = invoke("adapt", "loramoe", trained_run, "--out", out, "--targets", "q_proj", "--experts", "2", "--rank", "2",
+               "--steps", "2", "--no-eval")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "adapt_config.json").read_text())["config"]
+    assert cfg["method"] == "loramoe" and cfg["expert_groups"] == 2 and cfg["localized_balance"] == 0.1
+    assert not (out / "adapter_config.json").exists()  # a mixture: no peft files
