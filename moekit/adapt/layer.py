@@ -8,6 +8,15 @@ Large Language Models"), which is also what a one-expert mixture under a top-1 r
 
 Kinds (`AdaptConfig.kind`): "experts" (A_e, B_e per expert), "shared_a" (one A, N heads B_e: HydraLoRA),
 "ranks" (one A [r, in], B [out, r]; the router chooses ranks: h = g(x) * (A x), SMoRA).
+
+Two exact ways to compute the mixture: the dense path evaluates every expert's B_e A_e x and weights it by the
+gates (zero for unchosen experts; the only way for a soft router); the sparse path gathers the chosen experts'
+A and B per token slot and computes only those (A[ids] [T, k, r, in], B[ids] [T, k, out, r]). `forward` takes the
+sparse path when the router is sparse (k < E) and the batch has at most `sparse_max_slots` token-slots (T * k,
+cached generation), where gathering weights is cheaper than computing E experts; `delta_dense` (the reference) and
+`delta_sparse` are public and a test checks that they agree, gradients included. Larger sparse batches (training)
+take the grouped path (`delta_grouped`, kind "experts"): token-slots sorted by expert, each expert's LoRA on its
+rows only.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moekit.adapt.balance import localized_balance_aux
 from moekit.routing.registry import build_router
 from moekit.routing.routing import Routing
 
@@ -28,6 +38,38 @@ def dense_gates(routing: Routing, num_experts: int) -> Tensor:
     valid = ids >= 0
     g = torch.zeros(ids.shape[0], num_experts, dtype=w.dtype, device=w.device)
     return g.scatter_add(1, ids.clamp_min(0), torch.where(valid, w, torch.zeros_like(w)))
+
+
+def routing_slots(routing: Routing) -> tuple[Tensor, Tensor]:
+    """Routing -> (ids [T, k] with empty slots (-1) pointing at expert 0, weights [T, k] with 0 at empty slots)."""
+    ids, w = routing.expert_ids, routing.weights
+    valid = ids >= 0
+    return ids.clamp_min(0), torch.where(valid, w, torch.zeros_like(w))
+
+
+def grouped_rows(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The token-slots of a routing sorted by expert: (token index [T*k], weight [T*k] (0 for empty slots), the
+    number of rows of each expert [E]) — rows of expert e follow those of e - 1."""
+    ids, w = routing_slots(routing)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order // ids.shape[1], w.reshape(-1)[order], counts
+
+
+def per_expert(rows: Tensor, counts: list[int], fn) -> Tensor:
+    """rows [R, in] sorted by expert (`grouped_rows`) -> cat over experts e of fn(e, its rows) [R, out]."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(fn(e, rows[start:start + n]))
+        start += n
+    return torch.cat(outs)
+
+
+def is_sparse(routing: Routing | None, num_experts: int) -> bool:
+    """Whether a routing chooses fewer slots than there are experts (a soft router's k equals E)."""
+    return routing is not None and routing.top_k < num_experts
 
 
 class LoRAExperts(nn.Module):
@@ -49,6 +91,9 @@ class LoRAExperts(nn.Module):
         router: str | None,
         router_args: dict,
         init_std: float | None = None,
+        expert_groups: int = 1,
+        localized_balance: float = 0.0,
+        balance_delta: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -79,8 +124,12 @@ class LoRAExperts(nn.Module):
             self.router = build_router(router, dim=in_f, num_experts=self.num_experts, **router_args).to(
                 device=w.device, dtype=w.dtype
             )
+        self.expert_groups, self.localized_balance, self.balance_delta = expert_groups, localized_balance, balance_delta
+        self.sample_groups: Tensor | None = None  # [M] per training sample (`moekit.adapt.set_sample_groups`)
         self.last_aux: dict[str, Tensor] = {}
         self.last_routing: Routing | None = None
+
+    sparse_max_slots: int = 256  # the sparse path runs when T * k <= this (and k < E)
 
     @property
     def in_features(self) -> int:
@@ -95,18 +144,21 @@ class LoRAExperts(nn.Module):
         """True when the update is one fixed matrix for every token (a single expert, no router)."""
         return self.router is None and self.lora_A.shape[0] == 1 and self.lora_B.shape[0] == 1
 
+    def route(self, x: Tensor) -> Routing | None:
+        """x [T, in] -> the router's Routing (None without a router); stores it and its aux losses."""
+        routing = None if self.router is None else self.router(x)
+        self.last_routing = routing
+        self.last_aux = {} if routing is None else dict(routing.aux)
+        return routing
+
     def gates(self, x: Tensor) -> Tensor | None:
         """x [T, in] -> gates [T, E] (None without a router: expert 0 with weight 1); stores the routing."""
-        if self.router is None:
-            self.last_routing, self.last_aux = None, {}
-            return None
-        routing = self.router(x)
-        self.last_routing, self.last_aux = routing, dict(routing.aux)
-        return dense_gates(routing, self.num_experts).to(x.dtype)
+        routing = self.route(x)
+        return None if routing is None else dense_gates(routing, self.num_experts).to(x.dtype)
 
-    def delta(self, x: Tensor) -> Tensor:
-        """x [T, in] -> the scaled LoRA update [T, out]."""
-        g = self.gates(x)  # [T, E] or None
+    def delta_dense(self, x: Tensor, g: Tensor | None) -> Tensor:
+        """x [T, in], gates [T, E] (or None: expert 0 alone) -> the scaled LoRA update [T, out], every expert
+        computed and weighted (the reference path)."""
         if self.kind == "ranks":
             h = x @ self.lora_A[0].T  # [T, r]
             if g is not None:
@@ -122,11 +174,49 @@ class LoRAExperts(nn.Module):
             hg = h * g[:, :, None]
         return self.scaling * torch.einsum("ter,eor->to", hg, self.lora_B)  # [T, out]
 
+    def delta_sparse(self, x: Tensor, routing: Routing) -> Tensor:
+        """x [T, in], a routing with k slots -> the scaled LoRA update [T, out], computing only the chosen
+        experts (kinds "experts" and "shared_a")."""
+        if self.kind == "ranks":
+            raise ValueError("LoRAExperts.delta_sparse: kind 'ranks' has one LoRA; use delta_dense")
+        ids, w = routing_slots(routing)  # [T, k]
+        w = w.to(x.dtype)
+        if self.kind == "shared_a":
+            h = (x @ self.lora_A[0].T)[:, None, :] * w[:, :, None]  # [T, k, r]
+        else:
+            h = (self.lora_A[ids] @ x[:, None, :, None]).squeeze(-1) * w[:, :, None]  # A[ids] [T, k, r, in]
+        return self.scaling * (self.lora_B[ids] @ h[..., None]).squeeze(-1).sum(1)  # B[ids] [T, k, out, r]
+
+    def delta_grouped(self, x: Tensor, routing: Routing) -> Tensor:
+        """x [T, in], a routing -> the scaled LoRA update [T, out]: the token-slots sorted by expert, each expert's
+        LoRA on its own rows only (kind "experts"; the sparse path for many tokens)."""
+        if self.kind != "experts":
+            raise ValueError(f"LoRAExperts.delta_grouped: kind {self.kind!r} has no separate experts")
+        tok, w, counts = grouped_rows(routing, self.num_experts)
+        out = per_expert(x[tok], counts, lambda e, v: (v @ self.lora_A[e].T) @ self.lora_B[e].T)  # [T*k, out]
+        return self.scaling * x.new_zeros(x.shape[0], out.shape[1]).index_add(0, tok, out * w[:, None].to(x.dtype))
+
+    def delta(self, x: Tensor) -> Tensor:
+        """x [T, in] -> the scaled LoRA update [T, out] (routes, then the sparse or the dense path)."""
+        routing = self.route(x)
+        if self.kind != "ranks" and is_sparse(routing, self.num_experts):
+            if x.shape[0] * routing.top_k <= self.sparse_max_slots:  # type: ignore[union-attr]
+                return self.delta_sparse(x, routing)  # type: ignore[arg-type]
+            if self.kind == "experts":
+                return self.delta_grouped(x, routing)  # type: ignore[arg-type]
+        return self.delta_dense(x, None if routing is None else dense_gates(routing, self.num_experts).to(x.dtype))
+
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]: the frozen base plus the routed LoRA update (routing per token)."""
         y = self.base(x)
         flat = x.reshape(-1, x.shape[-1])
-        return y + self.delta(flat).reshape(*x.shape[:-1], -1).to(y.dtype)
+        out = y + self.delta(flat).reshape(*x.shape[:-1], -1).to(y.dtype)
+        if self.localized_balance > 0 and self.training and self.last_routing is not None:
+            g = dense_gates(self.last_routing, self.num_experts)
+            self.last_aux["localized_balance"] = localized_balance_aux(
+                g, tuple(x.shape[:-1]), self.sample_groups, groups=self.expert_groups, delta=self.balance_delta,
+                coef=self.localized_balance, who="LoRAExperts")
+        return out
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:

@@ -1,6 +1,7 @@
 """Placing LoRA experts on a model: `attach` wraps the matching `nn.Linear` modules of any transformers model or
-moekit LM in `LoRAExperts`, freezes everything else, and installs two hooks on the model: before each forward
-the layers' stored routing results are cleared, after it their auxiliary losses are added to the output
+moekit LM in `LoRAExperts` (or, for kind "ffn", the matching feed-forward blocks in `LoRAFFNExperts`, and the
+`lora_targets` linears in a plain LoRA), freezes everything else, and installs two hooks on the model: before each
+forward the layers' stored routing results are cleared, after it their auxiliary losses are added to the output
 (`LMOutput.aux_loss` for moekit's LM, so `moekit.train` adds them to the loss unchanged; the key
 `adapter_aux_loss` of a transformers `ModelOutput`). `aux_loss(model)` reads the same sum.
 """
@@ -15,10 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from moekit.adapt.config import AdaptConfig
+from moekit.adapt.ffn import LoRAFFNExperts, is_ffn_block
 from moekit.adapt.layer import LoRAExperts
 
 CONFIG_ATTR = "moekit_adapt_config"  # the AdaptConfig `attach` used, kept on the model
 HOOKS_ATTR = "_moekit_adapt_hooks"
+ADAPTERS = (LoRAExperts, LoRAFFNExperts)  # the wrapper modules `attach` puts in place
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -45,9 +48,23 @@ def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
 def _inside_adapter(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), LoRAExperts):
+        if isinstance(model.get_submodule(".".join(parts[:i])), ADAPTERS):
             return True
     return False
+
+
+def find_blocks(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the feed-forward blocks (`moekit.adapt.ffn.is_ffn_block`) matching any target; a target matching
+    none is a ValueError."""
+    blocks = [n for n, m in model.named_modules() if n and is_ffn_block(m) and not _inside_adapter(model, n)]
+    chosen = []
+    for t in targets:
+        hit = [n for n in blocks if matches(n, t)]
+        if not hit:
+            raise ValueError(f"targets: {t!r} matches no feed-forward block (a module with up_proj/down_proj "
+                             f"linears) of {type(model).__name__}; its blocks include {blocks[:4]}")
+        chosen += [n for n in hit if n not in chosen]
+    return [n for n in blocks if n in chosen]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -55,10 +72,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, LoRAExperts]]:
-    """(name, layer) of every `LoRAExperts` in the model, in model order."""
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, LoRAExperts | LoRAFFNExperts]]:
+    """(name, layer) of every `LoRAExperts` and `LoRAFFNExperts` in the model, in model order."""
     for name, m in model.named_modules():
-        if isinstance(m, LoRAExperts):
+        if isinstance(m, ADAPTERS):
             yield name, m
 
 
@@ -67,15 +84,24 @@ def attach(model: nn.Module, config: AdaptConfig) -> nn.Module:
     frozen; the adapters and routers train. A model can be adapted once (`merge_and_unload` removes adapters)."""
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("attach: the model already has LoRA experts (one adaptation per model)")
-    names = find_targets(model, config.targets)
+    blocks = config.kind == "ffn"
+    names = find_blocks(model, config.targets) if blocks else find_targets(model, config.targets)
+    plain = [n for n in find_targets(model, config.lora_targets) if not any(n.startswith(b + ".") for b in names)
+             ] if config.lora_targets else []
     for p in model.parameters():
         p.requires_grad_(False)
+    common = dict(num_experts=config.num_experts, rank=config.rank, alpha=config.alpha, router=config.router,
+                  router_args=config.router_args, init_std=config.init_std, expert_groups=config.expert_groups,
+                  localized_balance=config.localized_balance, balance_delta=config.balance_delta)
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoRAExperts(
-            base=base, kind=config.kind, num_experts=config.num_experts, rank=config.rank, alpha=config.alpha,
-            router=config.router, router_args=config.router_args, init_std=config.init_std,
-        ))
+        _set_module(model, name, (LoRAFFNExperts(base=base, **common) if blocks else LoRAExperts(
+            base=base, kind=config.kind, **common)).train(base.training))  # an eval model stays in eval mode
+    for name in plain:
+        base = model.get_submodule(name)
+        _set_module(model, name, LoRAExperts(base=base, kind="experts", num_experts=1, rank=config.rank,
+                                             alpha=config.alpha, router=None, router_args={},
+                                             init_std=config.init_std).train(base.training))
     setattr(model, CONFIG_ATTR, config)
     setattr(model, HOOKS_ATTR, [model.register_forward_pre_hook(_clear_hook),
                                 model.register_forward_hook(_output_hook)])
@@ -111,6 +137,16 @@ def aux_loss(model: nn.Module) -> Tensor | None:
     """The sum of every adapter router's auxiliary losses from the last forward; None when there are none."""
     losses = list(aux_losses(model).values())
     return torch.stack([v.float() for v in losses]).sum() if losses else None
+
+
+def set_sample_groups(model: nn.Module, groups: Tensor | None) -> None:
+    """Give every adapted layer the group of each sample of the next training batch (LongTensor [batch], values in
+    [0, AdaptConfig.expert_groups)), which LoRAMoE's localized balancing constraint reads; None clears them."""
+    if groups is not None and (not isinstance(groups, Tensor) or groups.dim() != 1 or groups.dtype != torch.long):
+        raise ValueError(f"set_sample_groups: groups must be a LongTensor [batch], got "
+                         f"{getattr(groups, 'dtype', type(groups).__name__)} {tuple(getattr(groups, 'shape', ()))}")
+    for _, layer in adapted_layers(model):
+        layer.sample_groups = groups
 
 
 def check_trainable(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.adapt.model import aux_loss, check_trainable
+from moekit.adapt.model import CONFIG_ATTR, aux_loss, check_trainable, set_sample_groups
 
 
 class AuxLossMixin:
@@ -30,7 +30,8 @@ class AuxLossMixin:
 def finetune(model: nn.Module, source: Any, *, steps: int, batch_size: int, seq_len: int, lr: float = 1e-3,
              seed: int = 0) -> list[dict[str, float]]:
     """A few AdamW steps on the trainable parameters of a moekit LM; `source.sample_batch(B, L, generator)` gives
-    (inputs [B, L], targets [B, L], labels). Returns one {"step", "loss", "aux"} per step."""
+    (inputs [B, L], targets [B, L], labels [B]). With LoRAMoE's localized balancing constraint, a sample's group is
+    its label modulo `AdaptConfig.expert_groups`. Returns one {"step", "loss", "aux"} per step."""
     from moekit.train.trainer import micro_batch_loss
 
     check_trainable(model)
@@ -38,15 +39,21 @@ def finetune(model: nn.Module, source: Any, *, steps: int, batch_size: int, seq_
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    config = getattr(model, CONFIG_ATTR, None)
+    groups = config.expert_groups if config is not None and config.localized_balance > 0 else 0
     model.train()
     log = []
     for step in range(1, steps + 1):
-        x, y, _ = source.sample_batch(batch_size, seq_len, gen)
+        x, y, labels = source.sample_batch(batch_size, seq_len, gen)
+        if groups:
+            set_sample_groups(model, (labels % groups).to(device))
         ce, aux, _, _ = micro_batch_loss(model, x.to(device), y.to(device), 0.0)
         loss: Tensor = ce + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step, "loss": float(ce), "aux": float(aux)})
+        log.append({"step": step, "loss": float(ce.detach()), "aux": float(aux.detach())})
     model.eval()
+    if groups:
+        set_sample_groups(model, None)
     return log

@@ -29,7 +29,7 @@ def adapt(
 
     if list_:
         for name, desc in list_methods().items():
-            typer.echo(f"{name:10s} {desc}")
+            typer.echo(f"{name:12s} {desc}")
         return
     if method is None or base is None or out is None:
         raise ValueError("adapt: give METHOD RUN --out DIR, `merge ADAPTERS --out RUN`, or --list")

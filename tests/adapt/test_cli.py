@@ -46,7 +46,8 @@ def test_adapt_errors_write_nothing(trained_run, tmp_path):
     dst = tmp_path / "out" / "a"
     cases = [
         (["adapt", "nope", trained_run, "--out", dst], "unknown adapt method 'nope'"),
-        (["adapt", "mixlora", trained_run, "--out", dst, "--targets", "nosuch"], "matches no nn.Linear"),
+        (["adapt", "mixlora-proj", trained_run, "--out", dst, "--targets", "nosuch"], "matches no nn.Linear"),
+        (["adapt", "mixlora", trained_run, "--out", dst], "'mlp' matches no feed-forward block"),  # an MoE run
         (["adapt", "lora", trained_run, "--out", dst, "--targets", "q_proj", "--rank", "100"], "rank=100 is larger"),
     ]
     for args, msg in cases:
@@ -54,8 +55,18 @@ def test_adapt_errors_write_nothing(trained_run, tmp_path):
         assert r.exit_code == 1 and msg in r.output, r.output
         assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
         assert not dst.exists()
-    ok = invoke("adapt", "mixlora", trained_run, "--out", dst, "--targets", "q_proj", "--experts", "2", "--k", "1",
+    ok = invoke("adapt", "mixlora-proj", trained_run, "--out", dst, "--targets", "q_proj", "--experts", "2", "--k", "1",
                 "--rank", "2", "--steps", "1", "--no-eval")
     assert ok.exit_code == 0, ok.output
     m = invoke("adapt", "merge", dst, "--out", tmp_path / "m")
     assert m.exit_code == 1 and "cannot be merged" in m.output and not (tmp_path / "m").exists(), m.output
+
+
+def test_adapt_loramoe_trains_with_domain_groups(trained_run, tmp_path):
+    out = tmp_path / "loramoe"
+    r = invoke("adapt", "loramoe", trained_run, "--out", out, "--targets", "q_proj", "--experts", "2", "--rank", "2",
+               "--steps", "2", "--no-eval")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "adapt_config.json").read_text())["config"]
+    assert cfg["method"] == "loramoe" and cfg["expert_groups"] == 2 and cfg["localized_balance"] == 0.1
+    assert not (out / "adapter_config.json").exists()  # a mixture: no peft files

@@ -25,10 +25,12 @@ def tiny_moekit(seed: int = 0) -> MoELM:
 
 
 def randomize_b(model: nn.Module, std: float = 0.2, seed: int = 1) -> None:
-    """Give every adapter's B (and router) nonzero values, so the adapters change the output."""
+    """Give every adapter's B nonzero values, so the adapters change the output."""
     from moekit.adapt import adapted_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapted_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+            for name, p in layer.named_parameters():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -20,7 +20,7 @@ def register_method(name: str) -> Callable[[Callable[..., AdaptConfig]], Callabl
 
 
 def _ensure_builtin() -> None:
-    from moekit.adapt.methods import hydralora, lora, mixlora, smora  # noqa: F401
+    from moekit.adapt.methods import hydralora, lora, loramoe, mixlora, mixlora_proj, smora  # noqa: F401
 
 
 def method_config(name: str, **overrides: Any) -> AdaptConfig:
