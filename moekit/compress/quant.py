@@ -364,29 +364,43 @@ def load_quantized(path: str | Path) -> nn.Module:
     cfg = read_model_config(ckpt)
     model = MoELM(cfg)
     for i, name, ex in list(_moe_experts(model)):
-        first = "gate_up_proj" if ex.gated else "up_proj"
-        experts = []
-        for e in range(ex.num_local_experts):
-            mats = {}
-            for n in (first, "down_proj"):
-                key = f"{name}.{e}.{n}"
-                if key not in per_module:
-                    raise ValueError(f"{ckpt / 'config.json'}: quantization_config has no group for {key}")
-                b, g = per_module[key]
-                shape = tuple(getattr(ex, n).shape[1:])
-                mats[n] = QuantizedWeight(shape=shape, bits=b, group_size=g, dtype=ex.weight_dtype)
-            experts.append(QuantizedExpert(mats))
-        cfg_e = {**ex.config(), "num_local_experts": ex.num_local_experts}
-        model.layers[i].mlp.experts = QuantizedExperts(config=cfg_e, experts=experts, dtype=ex.weight_dtype)
+        model.layers[i].mlp.experts = quantized_like(ex, name, per_module, ckpt / "config.json")
     state = load_safetensors(ckpt / "model.safetensors")
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    return load_checked(model, state, ckpt)
+
+
+def quantized_like(ex: nn.Module, name: str, per_module: Mapping[str, tuple[int, int]], where: Path
+                   ) -> QuantizedExperts:
+    """Empty `QuantizedExperts` shaped like the fused experts `ex` (module path `name`), each matrix at the bits and
+    group size `per_module` names for it (`<name>.<e>.<matrix>` -> (bits, group)); `where` names the config file
+    in the error when one is missing. The packed tensors come from the checkpoint's state dict afterwards."""
+    first = "gate_up_proj" if ex.gated else "up_proj"
+    experts = []
+    for e in range(ex.num_local_experts):
+        mats = {}
+        for n in (first, "down_proj"):
+            key = f"{name}.{e}.{n}"
+            if key not in per_module:
+                raise ValueError(f"{where}: quantization_config has no group for {key}")
+            b, g = per_module[key]
+            mats[n] = QuantizedWeight(shape=tuple(getattr(ex, n).shape[1:]), bits=b, group_size=g,
+                                      dtype=ex.weight_dtype)
+        experts.append(QuantizedExpert(mats))
+    cfg = {**ex.config(), "num_local_experts": ex.num_local_experts}
+    return QuantizedExperts(config=cfg, experts=experts, dtype=ex.weight_dtype)
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], path: Path) -> nn.Module:
+    """Load `state` into `model` after checking names, shapes and dtypes match exactly (an error names the first
+    few that differ); returns the model in eval mode."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected)
                    if state[k].shape != expected[k].shape or state[k].dtype != expected[k].dtype)
     if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {ckpt} does not match its config: missing {missing[:5]}, "
+        raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape or dtype {wrong[:5]}")
     model.load_state_dict(state)
     return model.eval()

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from moekit.compress.quant import (
-    QuantizedExpert,
     QuantizedExperts,
-    QuantizedWeight,
     _bits_by_module,
     check_quant_args,
     fmt,
+    load_checked,
     quantize_layer,
+    quantized_like,
     scheme,
 )
 from moekit.utils.io import replace_dir
@@ -160,28 +160,5 @@ def load_quantized_hf(path: str | Path) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else None)
     mh.patch(model)
     for name, layer in hf_experts(model):
-        ex = layer.experts
-        first = "gate_up_proj" if ex.gated else "up_proj"
-        experts = []
-        for e in range(ex.num_local_experts):
-            mats = {}
-            for n in (first, "down_proj"):
-                key = f"{name}.{e}.{n}"
-                if key not in per_module:
-                    raise ValueError(f"{path / 'config.json'}: quantization_config has no group for {key}")
-                b, g = per_module[key]
-                mats[n] = QuantizedWeight(shape=tuple(getattr(ex, n).shape[1:]), bits=b, group_size=g,
-                                          dtype=ex.weight_dtype)
-            experts.append(QuantizedExpert(mats))
-        cfg = {**ex.config(), "num_local_experts": ex.num_local_experts}
-        layer.experts = QuantizedExperts(config=cfg, experts=experts, dtype=ex.weight_dtype)
-    state = load_safetensors(path / "model.safetensors")
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected)
-                   if state[k].shape != expected[k].shape or state[k].dtype != expected[k].dtype)
-    if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, wrong shape or dtype {wrong[:5]}")
-    model.load_state_dict(state)
-    return model.eval()
+        layer.experts = quantized_like(layer.experts, name, per_module, path / "config.json")
+    return load_checked(model, load_safetensors(path / "model.safetensors"), path)
