@@ -32,7 +32,7 @@ def shard_model(model: nn.Module, group: Any = None) -> nn.Module:
     by its `shard_moe` for this rank of `group`; returns `model`. Every rank must pass the same model
     (same seed or checkpoint). Raises ValueError on layers whose experts do not split over the ranks."""
     if getattr(getattr(model, "config", None), "share_blocks", False):
-        raise ValueError("shard_model: share_blocks=True models (one MoE layer reused by every block) are not supported")
+        raise ValueError("shard_model: share_blocks=True (one MoE layer reused by every block) is not supported")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is MoE]
     for name, moe in targets:
         parent_name, _, child = name.rpartition(".")
