@@ -70,3 +70,13 @@ def test_local_scope_unchanged():
     ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 2], [1, -1]])
     f = torch.tensor([2, 3, 3, 1]) / 10
     assert torch.allclose(load_balance_loss(probs, ids), 4 * (f * probs.mean(0)).sum())
+
+
+def test_needs_an_initialised_process_group():
+    from moekit.distributed import shard_moe
+    from moekit.layers import Experts, MoE
+    from moekit.routing.registry import build_router
+
+    moe = MoE(router=build_router("topk", dim=8, num_experts=4), experts=Experts(num_experts=4, dim=8, hidden=4))
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        shard_moe(moe)
