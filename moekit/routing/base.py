@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moekit.routing.registry import router_config
 from moekit.routing.routing import RoutingContext
+from moekit.routing.scope import batch_sum
 from moekit.utils.checks import check_positive_ints, is_positive_int
 
 
@@ -147,9 +148,14 @@ class Router(nn.Module):
         needs_previous: the router reads the previous MoE layer's routing of the same tokens
             (`RoutingContext.previous`: the recurrent router's GRU state).
         needs_token_ids: the router routes by token id (`RoutingContext.token_ids`: hash).
+        token_local: a token's routing depends on that token alone (and its own sequence), never on the
+            other rows of the batch, and every batch statistic the router keeps (balance losses, bias
+            loads) goes through `moekit.routing.scope`; so a batch split over ranks (expert parallelism)
+            routes as the whole batch would. False for expert choice and capacity-limited routers.
     """
 
     variable_k: bool = False
+    token_local: bool = False
     needs_full_sequence: bool = False
     needs_previous: bool = False
     needs_token_ids: bool = False
@@ -231,9 +237,11 @@ class Router(nn.Module):
     @torch.no_grad()
     def update_bias(self, expert_ids: Tensor) -> None:
         """b_i += bias_update_rate * sign(mean load - load_i), loads counted from expert_ids [T, k] over
-        this call's tokens (ids < 0, empty slots, are not counted; under data parallelism, per rank)."""
+        this call's tokens (ids < 0, empty slots, are not counted; under data parallelism, per rank; inside a
+        `batch_scope`, expert parallelism, over the batch all its ranks hold)."""
         b = self.e_score_correction_bias
         load = torch.bincount(expert_ids.reshape(-1) + 1, minlength=b.numel() + 1)[1:].float()  # [E], -1 dropped
+        load = batch_sum(load)
         delta = torch.sign(load.mean() - load) * self.bias_update_rate
         b.add_(delta.to(b.dtype))
 

@@ -63,6 +63,8 @@ class DeepSeekRouter(Router):
     scores s [T, E] (float32).
     """
 
+    token_local = True
+
     expert_dims = {"weight": 0, "e_score_correction_bias": 0}  # per-expert rows (moekit.layers.surgery)
 
     def expert_args(self, sources: list[list[int]], requested: dict) -> dict:

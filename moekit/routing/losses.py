@@ -1,5 +1,8 @@
 """Auxiliary routing losses. Each returns an unscaled scalar; routers scale by their coefficients
 and return the result in `Routing.aux` (never in module globals).
+
+Batch statistics go through `moekit.routing.scope`: inside a `batch_scope` (expert parallelism) a loss
+is this rank's share of the one-process loss on the batch all ranks hold; the shares sum to it.
 """
 
 from __future__ import annotations
@@ -7,17 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.routing.scope import batch_mean, batch_rows, batch_sum
+
 
 def expert_fraction(expert_ids: Tensor, num_experts: int) -> Tensor:
     """f [E]: share of the token-slots [T, k] routed to each expert (slots of -1 count for none).
 
-    Normalised by T*k, so a perfectly balanced router has f_i = 1/E.
+    Normalised by T*k, so a perfectly balanced router has f_i = 1/E. Inside a `batch_scope` the
+    counts and T are those of the batch all its ranks hold (`moekit.routing.scope`).
     """
     T, k = expert_ids.shape
     ids = expert_ids.reshape(-1)
     counts = torch.zeros(num_experts + 1, device=ids.device, dtype=torch.float32)
     counts.index_add_(0, ids + 1, torch.ones_like(ids, dtype=torch.float32))
-    return counts[1:] / max(T * k, 1)
+    return batch_sum(counts)[1:] / max(batch_rows(T, ids.device) * k, 1)
 
 
 def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int | None = None) -> Tensor:
@@ -35,7 +41,7 @@ def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int | None
     """
     E = probs.shape[-1] if num_experts is None else num_experts
     f = expert_fraction(expert_ids, E).to(probs.dtype)  # [E], no gradient (argmax-like)
-    P = probs.mean(dim=0)  # [E]
+    P = batch_mean(probs)  # [E] (this rank's share of it inside a batch scope)
     return E * torch.sum(f * P)
 
 
@@ -55,7 +61,7 @@ def sequence_load_balance_loss(probs: Tensor, expert_ids: Tensor, seq_len: int) 
     counts.scatter_add_(1, ids + 1, torch.ones_like(ids, dtype=probs.dtype))
     f = counts[:, 1:] / (seq_len * k)  # [B, E]
     P = probs.reshape(B, seq_len, E).mean(dim=1)  # [B, E]
-    return (E * (f * P).sum(dim=1)).mean()
+    return batch_mean(E * (f * P).sum(dim=1))  # mean over the B sequences (a share in a batch scope)
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -63,7 +69,7 @@ def z_loss(logits: Tensor) -> Tensor:
 
     Zoph et al. 2022, "ST-MoE: Designing Stable and Transferable Sparse Expert Models", eq. 5.
     """
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return batch_mean(torch.logsumexp(logits.float(), dim=-1).square())
 
 
 def entropy_loss(probs: Tensor) -> Tensor:
@@ -72,7 +78,7 @@ def entropy_loss(probs: Tensor) -> Tensor:
     The dynamic loss of Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE
     Models": minimising it keeps top-p routing from spreading over all experts.
     """
-    return -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1).mean()
+    return batch_mean(-(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1))
 
 
 def balance_losses(

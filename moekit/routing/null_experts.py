@@ -18,6 +18,7 @@ from moekit.routing.losses import expert_fraction
 from moekit.routing.losses import z_loss as z_loss_fn
 from moekit.routing.registry import register_router
 from moekit.routing.routing import Routing, RoutingContext
+from moekit.routing.scope import batch_mean
 from moekit.utils.checks import check_positive_ints
 
 
@@ -33,7 +34,7 @@ def null_load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) 
     """
     M = probs.shape[-1]
     f = expert_fraction(expert_ids, M).to(probs.dtype)  # [E + N], share of the T*k slots
-    P = probs.mean(dim=0)  # [E + N]
+    P = batch_mean(probs)  # [E + N] (this rank's share inside a batch scope)
     real = (f[:num_experts] * P[:num_experts]).sum()
     null = (M - num_experts) * f[num_experts:].mean() * P[num_experts:].mean()
     return M * (real + null)
@@ -62,6 +63,7 @@ class NullExpertsRouter(Router):
     expert_dims = {"weight": 0}  # E real rows, then N null rows that surgery keeps
 
     variable_k = True
+    token_local = True
 
     def __init__(
         self,

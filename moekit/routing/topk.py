@@ -47,6 +47,8 @@ class TopKRouter(Router):
         bias_update_rate: with `selection_bias`, the bias's step per training call (DeepSeek-V3: 1e-3).
     """
 
+    token_local = True
+
     expert_dims = {"weight": 0, "noise_weight": 0, "e_score_correction_bias": 0}  # per-expert rows (layers.surgery)
 
     def __init__(
