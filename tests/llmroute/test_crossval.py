@@ -46,7 +46,11 @@ class SpyRouter(Router):
 @pytest.fixture
 def spy(monkeypatch):
     SpyRouter.fits = []
-    monkeypatch.setattr(crossval, "create", lambda name, **args: SpyRouter(**args) if name == "spy" else create(name, **args))
+
+    def make(name: str, **args):
+        return SpyRouter(**args) if name == "spy" else create(name, **args)
+
+    monkeypatch.setattr(crossval, "create", make)
     return SpyRouter
 
 
