@@ -99,9 +99,11 @@ def cross_validate(
     draws: int = 10,
     rates: tuple[float, ...] = (),
     randomised: tuple[str, ...] = ("random", "zero"),
+    labels: list[str] | None = None,
 ) -> dict[str, list[CVScores]]:
-    """Out-of-fold scores of each router (name, args) on a two-model table: name -> [CVScores] (one per
-    draw for the `randomised` routers, which are drawn `draws` times with seeds draw * 1000 + fold).
+    """Out-of-fold scores of each router (name, args) on a two-model table: label -> [CVScores] (one per
+    draw for the `randomised` routers, which are drawn `draws` times with seeds draw * 1000 + fold). Labels
+    default to the router names and must be unique.
 
     Per fold, the embedder is fitted on the training folds' prompts and embeds the whole table once (cached
     under `cache_dir` by its fingerprint, so a fixed embedder such as sentence-transformers embeds once for
@@ -111,15 +113,16 @@ def cross_validate(
         raise ValueError(f"cross_validate: expected a two-model table, found models {table.models}")
     if rates and config.folds < 3:
         raise ValueError(f"CVConfig.folds: calibration needs a third fold to calibrate on, found {config.folds}")
+    labels = _labels(routers, labels)
     folds = fold_ids(table, config)
     k = config.folds
     q = len(table)
-    n_draws = {name: (draws if name in randomised else 1) for name, _ in routers}
+    n_draws = {lab: (draws if name in randomised else 1) for lab, (name, _) in zip(labels, routers, strict=True)}
     out = {
-        name: [CVScores(np.zeros(q), np.zeros(q), np.zeros(q), np.zeros(q)) for _ in range(n_draws[name])]
-        for name, _ in routers
+        lab: [CVScores(np.zeros(q), np.zeros(q), np.zeros(q), np.zeros(q)) for _ in range(n_draws[lab])]
+        for lab in labels
     }
-    hits: dict[str, dict[float, list[tuple[int, int]]]] = {name: {r: [] for r in rates} for name, _ in routers}
+    hits: dict[str, dict[float, list[tuple[int, int]]]] = {lab: {r: [] for r in rates} for lab in labels}
     for f in range(k):
         test = np.flatnonzero(folds == f)
         train = np.flatnonzero(folds != f)
@@ -129,11 +132,11 @@ def cross_validate(
         cal_f = (f + 1) % k
         fit_rows = np.flatnonzero((folds != f) & (folds != cal_f))
         cal = np.flatnonzero(folds == cal_f)
-        for name, args in routers:
-            for d in range(n_draws[name]):
+        for lab, (name, args) in zip(labels, routers, strict=True):
+            for d in range(n_draws[lab]):
                 a = dict(args, seed=d * 1000 + f) if name in randomised else args
                 router = _fit(name, a, train_t, x[train], emb)
-                sc = out[name][d]
+                sc = out[lab][d]
                 if f > 0 and (router.weak, router.strong) != (sc.weak, sc.strong):
                     raise ValueError(
                         f"{name}: the strong/weak models differ between folds; pass strong= and weak= router arguments"
@@ -150,13 +153,20 @@ def cross_validate(
                     test_s = r2.strong_score(tx, test_t, cost_aware=False)
                     for r in rates:
                         t = threshold_for_rate(cal_s, r)
-                        hits[name][r].append((int(round(call_rate(test_s, t) * len(test))), len(test)))
-    for name, _ in routers:
+                        hits[lab][r].append((int(round(call_rate(test_s, t) * len(test))), len(test)))
+    for lab in labels:
         for r in rates:
-            sc = out[name][0]
-            sc.calibration[r] = sum(h for h, _ in hits[name][r]) / q
-            sc.calibration_folds[r] = [h / n for h, n in hits[name][r]]
+            sc = out[lab][0]
+            sc.calibration[r] = sum(h for h, _ in hits[lab][r]) / q
+            sc.calibration_folds[r] = [h / n for h, n in hits[lab][r]]
     return out
+
+
+def _labels(routers: list[tuple[str, dict]], labels: list[str] | None) -> list[str]:
+    labels = list(labels) if labels is not None else [name for name, _ in routers]
+    if len(labels) != len(routers) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels: expected {len(routers)} unique labels (one per router), found {labels}")
+    return labels
 
 
 def summarise(table: RoutingTable, scores: dict[str, list[CVScores]]) -> list[Evaluation]:
@@ -185,6 +195,7 @@ def compare_splits(
     rates: tuple[float, ...] = (),
     randomised: tuple[str, ...] = ("random", "zero"),
     progress=None,
+    labels: list[str] | None = None,
 ) -> list[dict]:
     """In-domain ("query-cv") and held-out-subject ("subjects-cv") pooled metrics of each router, side by side.
 
@@ -194,10 +205,11 @@ def compare_splits(
     carry `calibration`: requested rate -> achieved rate on held-out subjects (mean over seeds).
     `progress(message)` is called before each cross-validation.
     """
+    labels = _labels(routers, labels)
     rows = []
     for by in ("query", "subject"):
-        per: dict[str, list[Evaluation]] = {name: [] for name, _ in routers}
-        cal: dict[str, list[dict[float, float]]] = {name: [] for name, _ in routers}
+        per: dict[str, list[Evaluation]] = {lab: [] for lab in labels}
+        cal: dict[str, list[dict[float, float]]] = {lab: [] for lab in labels}
         for seed in seeds:
             if progress is not None:
                 progress(f"{SPLIT_NAMES[by]}, seed {seed}: {folds} folds x {len(routers)} routers")
@@ -211,11 +223,12 @@ def compare_splits(
                 draws=draws,
                 rates=rates if by == "subject" else (),
                 randomised=randomised,
+                labels=labels,
             )
             for ev in summarise(table, sc):
                 per[ev.name].append(ev)
                 cal[ev.name].append(sc[ev.name][0].calibration)
-        for name, _ in routers:
+        for name in labels:
             evs = [e.row() for e in per[name]]
             row: dict = {"split": SPLIT_NAMES[by], "router": name, "seeds": list(seeds), "queries": len(table)}
             for m in _METRICS:

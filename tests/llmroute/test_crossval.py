@@ -137,3 +137,39 @@ def test_threshold_bad_input():
         threshold_for_rate(np.ones(0), 0.5)
     with pytest.raises(ValueError, match="finite"):
         threshold_for_rate(np.asarray([0.0, np.nan]), 0.5)
+
+
+def test_cli_eval_split_subjects(tmp_path):
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from moekit.cli.route import app
+
+    t = tiny_table(per_cat=10)
+    for c in CATS:
+        with (tmp_path / f"mmlu_{c}.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["prompt", "weak", "strong"])
+            for q, cat, row in zip(t.queries, t.categories, t.quality, strict=True):
+                if cat == c:
+                    w.writerow([q, bool(row[0]), bool(row[1])])
+    (tmp_path / "prices.yaml").write_text("weak: {input: 0.5, output: 0.5}\nstrong: {input: 10, output: 30}\n")
+    runner = CliRunner()
+    common = ["--prices", tmp_path / "prices.yaml", "--cache", tmp_path / "cache"]
+    args = ["train", tmp_path, "--out", tmp_path / "knn", "--router", "knn", "--arg", "k=5", *common]
+    args += ["--embedder-arg", "dim=4", "--embedder-arg", "difficulty=true"]
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    ev = ["eval", tmp_path / "knn", "--split", "subjects", "--folds", "3", "--seeds", "0,1", "--rate", "0.5"]
+    r = runner.invoke(app, [str(a) for a in [*ev, "--out", tmp_path / "ev", "--cache", tmp_path / "cache"]])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    rows = json.loads((tmp_path / "ev" / "metrics_cv.json").read_text())
+    assert {(x["split"], x["router"]) for x in rows} == {
+        (s, n) for s in ("query-cv", "subjects-cv") for n in ("random", "oracle", "knn")
+    }
+    assert all(x["queries"] == 60 and x["seeds"] == [0, 1] for x in rows)
+    assert "calibration" in next(x for x in rows if x["split"] == "subjects-cv" and x["router"] == "knn")
+    r = runner.invoke(app, [str(a) for a in ["eval", tmp_path / "knn", "--split", "subjects", "--folds", "7"]])
+    assert r.exit_code != 0 and "7 categories" in str(r.exception)
