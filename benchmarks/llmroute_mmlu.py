@@ -183,6 +183,7 @@ def run_cv(table, a, tag: str, out: Path) -> int:
         draws=DRAWS,
         rates=rates,
         randomised=RANDOMISED,
+        splits=tuple(a.splits.split(",")),
         progress=lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True),
     )
     print(f"\n{'split':12s} {'router':10s} {'APGR':>6s} {'sd seed':>7s} {'sd draw':>7s} {'CPT50':>6s} {'cut@95':>7s}")
@@ -229,6 +230,7 @@ def main() -> int:
     p.add_argument("--routers", default="random,oracle,threshold,knn,carrot", help="--cv: routers to run")
     p.add_argument("--seeds", default="0,1", help="--cv: fold seeds")
     p.add_argument("--rates", default="0.2,0.5", help="--cv: strong-call rates to calibrate ('' for none)")
+    p.add_argument("--splits", default="query,subject", help="--cv: splits to run (query: in-domain)")
     p.add_argument("--difficulty", action="store_true", help="--cv: append difficulty features to the embedding")
     a = p.parse_args()
     if not Path(a.data).is_dir():

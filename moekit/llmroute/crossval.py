@@ -196,6 +196,7 @@ def compare_splits(
     randomised: tuple[str, ...] = ("random", "zero"),
     progress=None,
     labels: list[str] | None = None,
+    splits: tuple[str, ...] = SPLITS,
 ) -> list[dict]:
     """In-domain ("query-cv") and held-out-subject ("subjects-cv") pooled metrics of each router, side by side.
 
@@ -203,11 +204,13 @@ def compare_splits(
     deviation over the seeds' pooled values) and, for randomised routers, `<metric>_std_draws` (the mean
     over seeds of the standard deviation over `draws` draws). With `rates`, the held-out-subject rows also
     carry `calibration`: requested rate -> achieved rate on held-out subjects (mean over seeds).
-    `progress(message)` is called before each cross-validation.
+    `progress(message)` is called before each cross-validation; `splits` limits the splits run.
     """
     labels = _labels(routers, labels)
     rows = []
-    for by in ("query", "subject"):
+    if not splits or any(b not in SPLITS for b in splits):
+        raise ValueError(f"splits: expected some of {list(SPLITS)}, found {list(splits)}")
+    for by in [b for b in ("query", "subject") if b in splits]:
         per: dict[str, list[Evaluation]] = {lab: [] for lab in labels}
         cal: dict[str, list[dict[float, float]]] = {lab: [] for lab in labels}
         for seed in seeds:

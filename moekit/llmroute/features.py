@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ def prompt_features(text: str) -> np.ndarray:
     """[F] the raw features of one prompt, in the order of `FEATURE_NAMES`."""
     if not isinstance(text, str):
         raise ValueError(f"prompt_features: expected a str prompt, found {type(text).__name__}")
+    return np.asarray(_features(text), dtype=np.float64)
+
+
+@lru_cache(maxsize=1 << 16)  # cross-validation featurises the same prompts once per fold
+def _features(text: str) -> tuple[float, ...]:
     chars = len(text)
     options = [m.group(2).strip() for m in _OPTION.finditer(text)]
     first = _OPTION.search(text)
@@ -72,7 +78,7 @@ def prompt_features(text: str) -> np.ndarray:
     lengths = np.asarray([len(o) for o in options], float)
     has = len(options) > 0
     mean = float(lengths.mean()) if has else 0.0
-    return np.asarray(
+    return tuple(
         [
             _log1p(chars),
             _log1p(len(text.split())),
@@ -89,8 +95,7 @@ def prompt_features(text: str) -> np.ndarray:
             _log1p(mean),
             _log1p(float(lengths.max())) if has else 0.0,
             float(lengths.std() / mean) if has and mean > 0 else 0.0,
-        ],
-        dtype=np.float64,
+        ]
     )
 
 
