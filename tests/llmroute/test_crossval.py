@@ -110,6 +110,10 @@ def test_bad_folds_error():
         fold_ids(t, CVConfig(by="subject", folds=7))
     with pytest.raises(ValueError, match="third fold"):
         cross_validate(t, [("random", {})], config=CVConfig(folds=2), rates=(0.3,))
+    with pytest.raises(ValueError, match="splits"):
+        compare_splits(t, [("random", {})], folds=2, splits=("topic",))
+    with pytest.raises(ValueError, match="unique labels"):
+        cross_validate(t, [("random", {}), ("random", {})], config=CVConfig(folds=2))
 
 
 # --- calibration -----------------------------------------------------------------------------------
