@@ -7,6 +7,12 @@ cost vs quality. Routers see only the prompt text, embedded locally (TF-IDF by d
     .venv/bin/python benchmarks/llmroute_mmlu.py [--data ../shared/data/routellm-mmlu] [--embedder tfidf]
 
 Skips (exit 0) when the data is absent. Writes benchmarks/results/llmroute_mmlu[_<embedder>].json and plots.
+
+Cross-validation mode (moekit issue 22): `--cv K` re-trains each router of `--routers` in K folds of questions
+("query-cv", in-domain) and K folds of subjects ("subjects-cv": every question scored by a router that never
+saw its subject), pools the out-of-fold scores of all 14,042 questions and computes APGR / CPT / cost cut
+once, for each seed of `--seeds`; `--difficulty` appends the difficulty features to the embedding; `--rates`
+calibrates thresholds on a held-out-subject fold. Writes llmroute_mmlu_<embedder>[_difficulty]_cv.json.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moekit.llmroute.crossval import compare_splits  # noqa: E402
 from moekit.llmroute.embed import encode_cached, make_embedder  # noqa: E402
 from moekit.llmroute.evaluate import evaluate, mean_evaluation  # noqa: E402
 from moekit.llmroute.loaders import load_routellm  # noqa: E402
@@ -154,6 +161,62 @@ def run_split(table, by: str, embedder_name: str, cache: Path, seed: int, plot_d
     return rows
 
 
+def run_cv(table, a, tag: str, out: Path) -> int:
+    """`--cv K`: in-domain and held-out-subject cross-validation, pooled over all questions."""
+    spec = dict(ROUTERS)
+    names = a.routers.split(",")
+    unknown = [n for n in names if n not in spec]
+    if unknown:
+        raise SystemExit(f"--routers: unknown {unknown}; known: {list(spec)}")
+    seeds = tuple(int(x) for x in a.seeds.split(","))
+    rates = tuple(float(x) for x in a.rates.split(",") if x)
+    emb_args = {"difficulty": True} if a.difficulty else {}
+    t0 = time.perf_counter()
+    rows = compare_splits(
+        table,
+        [(n, spec[n]) for n in names],
+        folds=a.cv,
+        seeds=seeds,
+        embedder=a.embedder,
+        embedder_args=emb_args,
+        cache_dir=Path(a.cache),
+        draws=DRAWS,
+        rates=rates,
+        randomised=RANDOMISED,
+        splits=tuple(a.splits.split(",")),
+        progress=lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True),
+    )
+    print(f"\n{'split':12s} {'router':10s} {'APGR':>6s} {'sd seed':>7s} {'sd draw':>7s} {'CPT50':>6s} {'cut@95':>7s}")
+    for r in rows:
+        sd_draw = f"{r['apgr_std_draws']:7.3f}" if "apgr_std_draws" in r else " " * 7
+        cal = "  calib " + " ".join(f"{k}->{v:.3f}" for k, v in r.get("calibration", {}).items())
+        print(
+            f"{r['split']:12s} {r['router']:10s} {r['apgr']:6.3f} {r['apgr_std_seeds']:7.3f} {sd_draw} "
+            f"{r['cpt50']:6.3f} {r['cost_cut_at_target']:7.3f}" + (cal if "calibration" in r else ""),
+            flush=True,
+        )
+    suffix = "_difficulty" if a.difficulty else ""
+    result = {
+        "benchmark": "llmroute_mmlu_cv",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {platform.system()}",
+        "versions": versions(),
+        "data": {"queries": len(table), "models": table.models, "mean_quality": table.mean_quality().tolist()},
+        "embedder": a.embedder,
+        "embedder_args": emb_args,
+        "folds": a.cv,
+        "seeds": list(seeds),
+        "draws_randomised": DRAWS,
+        "rates": list(rates),
+        "seconds": time.perf_counter() - t0,
+        "results": rows,
+    }
+    path = out / f"llmroute_mmlu_{tag}{suffix}_cv.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "routellm-mmlu"))
@@ -163,6 +226,12 @@ def main() -> int:
         "--cache", default=str(Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "llmroute")
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--cv", type=int, default=0, help="K > 1: K-fold cross-validation mode (see above)")
+    p.add_argument("--routers", default="random,oracle,threshold,knn,carrot", help="--cv: routers to run")
+    p.add_argument("--seeds", default="0,1", help="--cv: fold seeds")
+    p.add_argument("--rates", default="0.2,0.5", help="--cv: strong-call rates to calibrate ('' for none)")
+    p.add_argument("--splits", default="query,subject", help="--cv: splits to run (query: in-domain)")
+    p.add_argument("--difficulty", action="store_true", help="--cv: append difficulty features to the embedding")
     a = p.parse_args()
     if not Path(a.data).is_dir():
         print(f"skip: MMLU routing data not found at {a.data} (pass --data)")
@@ -170,6 +239,8 @@ def main() -> int:
     table = load_routellm(a.data)
     out = Path(a.out)
     tag = "tfidf" if a.embedder == "tfidf" else "minilm"
+    if a.cv:
+        return run_cv(table, a, tag, out)
     t0 = time.perf_counter()
     rows = []
     for by in ("query", "category"):

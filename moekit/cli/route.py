@@ -130,11 +130,31 @@ def eval_cmd(
         list[str] | None,
         typer.Option("--model-map", help="COLUMN=MODEL: a model column of --data under another name (repeatable)"),
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="run: the runs' own test part | subjects: re-train in K-fold cross-validation, in-domain "
+            "(folds of questions) and held-out subjects (folds of subjects) side by side"
+        ),
+    ] = "run",
+    folds: Annotated[int, typer.Option(help="--split subjects: number of folds K")] = 5,
+    seeds: Annotated[str, typer.Option(help="--split subjects: comma-separated fold seeds (spread)")] = "0,1",
+    rate: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--rate", help="--split subjects: strong-call rate to calibrate on held-out subjects (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Print the metrics table of trained routers on their test data (or on --data); write metrics.json and plots."""
     from rich.console import Console
     from rich.table import Table
 
+    if split not in ("run", "subjects"):
+        raise typer.BadParameter(f"--split: expected run or subjects, found {split!r}")
+    if split == "subjects":
+        _eval_cv(runs, out, baselines, _cache(cache), folds, seeds, tuple(rate or ()))
+        return
     from moekit.llmroute.pipeline import evaluate_runs
     from moekit.llmroute.plots import plot_cost_quality, plot_pgr
 
@@ -172,6 +192,49 @@ def eval_cmd(
         if two:
             paths.append(plot_pgr(evals, out / "pgr.png"))
         typer.echo("wrote " + ", ".join(str(p) for p in [out / "metrics.json", *paths]))
+
+
+def _eval_cv(runs, out, baselines, cache, folds, seeds, rates) -> None:
+    """`route eval --split subjects`: the in-domain and held-out-subject table, with spreads."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moekit.llmroute.pipeline import cross_validate_runs
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--seeds: expected comma-separated integers, found {seeds!r}") from None
+    table, rows = cross_validate_runs(
+        [str(r) for r in runs],
+        folds=folds,
+        seeds=seed_list,
+        rates=rates,
+        baselines=baselines,
+        cache_dir=cache,
+        progress=lambda m: typer.echo(m, err=True),
+    )
+    t = Table(title=f"{len(table)} queries pooled over {folds} folds; mean ± sd over seeds {list(seed_list)}")
+    for c in ["router", "in-domain APGR", "held-out APGR", "in-domain cut@95%", "held-out cut@95%"]:
+        t.add_column(c, justify="left" if c == "router" else "right")
+    if rates:
+        t.add_column("held-out rate / requested", justify="right")
+
+    def cell(r: dict, k: str) -> str:
+        text = f"{r[k]:.3f} ± {r[k + '_std_seeds']:.3f}"
+        return text + (f" (draws ± {r[k + '_std_draws']:.3f})" if k + "_std_draws" in r else "")
+
+    by_split = {(r["split"], r["router"]): r for r in rows}
+    for name in dict.fromkeys(r["router"] for r in rows):
+        q, s = by_split[("query-cv", name)], by_split[("subjects-cv", name)]
+        cal = [" ".join(f"{v:.2f}/{float(k):.2f}" for k, v in s.get("calibration", {}).items())] if rates else []
+        keys = ("apgr", "cost_cut_at_target")
+        t.add_row(name, cell(q, keys[0]), cell(s, keys[0]), cell(q, keys[1]), cell(s, keys[1]), *cal)
+    Console().print(t)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics_cv.json").write_text(json.dumps(rows, indent=2))
+        typer.echo(f"wrote {out / 'metrics_cv.json'}")
 
 
 @app.command()

@@ -17,7 +17,7 @@ import numpy as np
 from moekit.utils.deps import MissingDependency, require
 from moekit.utils.io import atomic_save_npz, atomic_write, atomic_write_text
 
-EMBEDDERS = ("tfidf", "sentence-transformers")
+EMBEDDERS = ("tfidf", "sentence-transformers")  # topic embedders; either can carry difficulty features
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -222,13 +222,108 @@ class SentenceTransformerEmbedder:
         return cls(meta["model"], meta["batch_size"])
 
 
-def make_embedder(name: str, **kwargs):
-    """A new embedder by name: "tfidf" (TfidfConfig fields as kwargs) or "sentence-transformers" (model=...)."""
+@dataclass
+class DifficultyConfig:
+    """Difficulty features appended to a topic embedding (see `moekit.llmroute.features`)."""
+
+    weight: float = 1.0  # norm of the feature block relative to the unit-norm topic vector (0 = topic only)
+    lm_run: str | None = None  # a moekit training run whose per-token loss on the prompt is one more feature
+    lm_max_tokens: int = 256  # prompt tokens the LM reads (at most its max_seq_len)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, int | float) or not self.weight >= 0:
+            raise ValueError(f"DifficultyConfig.weight: expected a number >= 0, found {self.weight!r}")
+        if not isinstance(self.lm_max_tokens, int) or self.lm_max_tokens < 2:
+            raise ValueError(f"DifficultyConfig.lm_max_tokens: expected an integer >= 2, found {self.lm_max_tokens!r}")
+
+
+def append_features(x: np.ndarray, feats: np.ndarray, weight: float) -> np.ndarray:
+    """[N, D + F] unit rows: the topic vectors `x [N, D]` beside standardised features `feats [N, F]` scaled
+    to norm ~`weight` (divided by sqrt(F)), so dot products and linear models see both."""
+    if len(x) != len(feats):
+        raise ValueError(f"append_features: expected as many feature rows as vectors ({len(x)}), found {len(feats)}")
+    f = np.asarray(feats, np.float32) * np.float32(weight / np.sqrt(max(feats.shape[1], 1)))
+    return _normalise(np.hstack([np.asarray(x, np.float32), f]))
+
+
+class DifficultyEmbedder:
+    """A topic embedder (TF-IDF or sentence-transformers) with difficulty features appended to its vectors."""
+
+    name = "difficulty"
+
+    def __init__(self, base, config: DifficultyConfig | None = None) -> None:
+        self.base = base  # the topic embedder
+        self.config = config or DifficultyConfig()
+        self.scaler = None  # DifficultyScaler fitted on the training prompts
+
+    @property
+    def fitted(self) -> bool:
+        return self.scaler is not None and self.base.fitted
+
+    def raw(self, texts: list[str]) -> np.ndarray:
+        """[N, F] raw features (the LM loss last when `lm_run` is set)."""
+        from moekit.llmroute.features import difficulty_features, lm_token_loss
+
+        f = difficulty_features(texts)
+        if self.config.lm_run:
+            loss = lm_token_loss(texts, self.config.lm_run, max_tokens=self.config.lm_max_tokens)
+            f = np.hstack([f, loss[:, None]])
+        return f
+
+    def fit(self, texts: list[str]) -> DifficultyEmbedder:
+        from moekit.llmroute.features import DifficultyScaler
+
+        self.base.fit(texts)
+        self.scaler = DifficultyScaler.fit(self.raw(texts))
+        return self
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self.scaler is None:
+            raise RuntimeError("DifficultyEmbedder.encode: call fit(texts) first (or load a saved embedder)")
+        return append_features(self.base.encode(texts), self.scaler.transform(self.raw(texts)), self.config.weight)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        h.update(self.base.fingerprint().encode())
+        if self.scaler is not None:
+            h.update(self.scaler.mean.tobytes() + self.scaler.std.tobytes())
+        return f"diff-{h.hexdigest()[:16]}"
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.base.save(folder / "base")
+        atomic_save_npz(folder / "difficulty.npz", {"mean": self.scaler.mean, "std": self.scaler.std})
+        atomic_write_text(folder / "embedder.json", json.dumps({"name": self.name, "config": asdict(self.config)}))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DifficultyEmbedder:
+        from moekit.llmroute.features import DifficultyScaler
+
+        folder = Path(folder)
+        meta = json.loads((folder / "embedder.json").read_text())
+        emb = cls(load_embedder(folder / "base"), DifficultyConfig(**meta["config"]))
+        with np.load(folder / "difficulty.npz", allow_pickle=False) as z:
+            emb.scaler = DifficultyScaler(z["mean"], z["std"])
+        return emb
+
+
+def make_embedder(name: str, *, difficulty: bool | dict | None = None, **kwargs):
+    """A new embedder by name: "tfidf" (TfidfConfig fields as kwargs) or "sentence-transformers" (model=...).
+
+    difficulty: True or a dict of `DifficultyConfig` fields appends difficulty features to its vectors.
+    """
     if name == "tfidf":
-        return TfidfEmbedder(TfidfConfig(**kwargs))
-    if name == "sentence-transformers":
-        return SentenceTransformerEmbedder(**kwargs)
-    raise ValueError(f"unknown embedder {name!r}; known: {list(EMBEDDERS)}")
+        base = TfidfEmbedder(TfidfConfig(**kwargs))
+    elif name == "sentence-transformers":
+        base = SentenceTransformerEmbedder(**kwargs)
+    else:
+        raise ValueError(f"unknown embedder {name!r}; known: {list(EMBEDDERS)}")
+    if not difficulty:
+        return base
+    if difficulty is not True and not isinstance(difficulty, dict):
+        raise ValueError(f"difficulty: expected true or a dict of DifficultyConfig fields, found {difficulty!r}")
+    return DifficultyEmbedder(base, DifficultyConfig(**({} if difficulty is True else difficulty)))
 
 
 def load_embedder(folder: str | Path):
@@ -241,6 +336,8 @@ def load_embedder(folder: str | Path):
         return TfidfEmbedder.load(folder)
     if name == "sentence-transformers":
         return SentenceTransformerEmbedder.load(folder)
+    if name == "difficulty":
+        return DifficultyEmbedder.load(folder)
     raise ValueError(f"{path}: unknown embedder {name!r}; known: {list(EMBEDDERS)}")
 
 

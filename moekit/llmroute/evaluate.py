@@ -130,27 +130,61 @@ def evaluate(
     target = target_share * q_strong
     mean_cost = table.mean_cost()
     cost_range = (float(mean_cost.min()), float(mean_cost.max()))
-    pair: dict = {}  # the two-model metrics
-    path = False  # whether the operating points form a threshold curve (then segments between them count)
     if len(table.models) == 2:
         # PGR and CPT count strong calls: rank by the predicted quality gain. Cost cut and AIQ count dollars:
         # rank by the router's own cost-aware switch point (the same when the router ignores cost).
         cw, cs = router.pair_costs(table)
-        qw, qs = table.quality[:, w], table.quality[:, s]
-        curve = pgr_curve(router.strong_score(x, table, cost_aware=False), qw, qs, cw, cs)
-        by_cost = pgr_curve(router.strong_score(x, table, cost_aware=True), qw, qs, cw, cs)
-        cost, quality, path = by_cost.cost, by_cost.quality, True
-        pair = dict(apgr=apgr(curve), cpt50=cpt(curve, 0.5), cpt80=cpt(curve, 0.8), curve=curve)
-    else:
-        cost, quality = sweep(router, x, table, mus)
+        gain = router.strong_score(x, table, cost_aware=False)
+        switch = router.strong_score(x, table, cost_aware=True)
+        pair = dict(weak=w, strong=s, pair_costs=(cw, cs), name=name or router.name, target_share=target_share)
+        return evaluate_scores(gain, switch, table, **pair)
+    cost, quality = sweep(router, x, table, mus)
     return Evaluation(
         name=name or router.name,
         cost=cost,
         quality=quality,
         aiq=aiq(cost, quality, cost_range),
         target_quality=target,
-        cost_cut=cost_cut(cost, quality, target, c_strong, path=path),
-        **pair,
+        cost_cut=cost_cut(cost, quality, target, c_strong),
+    )
+
+
+def evaluate_scores(
+    gain: np.ndarray,
+    switch: np.ndarray,
+    table: RoutingTable,
+    *,
+    weak: int,
+    strong: int,
+    pair_costs: tuple[np.ndarray, np.ndarray] | None = None,
+    name: str = "router",
+    target_share: float = 0.95,
+) -> Evaluation:
+    """The two-model metrics of precomputed scores `gain, switch: [Q]` on `table` (columns `weak`, `strong`).
+
+    `gain` ranks queries for PGR / APGR / CPT (a router's `strong_score(cost_aware=False)`), `switch` for the
+    cost cut and AIQ (`cost_aware=True`); `pair_costs` ([Q], [Q]) are the costs paid on the weak / strong
+    path (default: the table's). Used by `evaluate` and by cross-validation, whose scores come from one
+    router per fold and are pooled over all queries.
+    """
+    q_strong = float(table.quality[:, strong].mean())
+    mean_cost = table.mean_cost()
+    cw, cs = pair_costs if pair_costs is not None else (table.cost[:, weak], table.cost[:, strong])
+    qw, qs = table.quality[:, weak], table.quality[:, strong]
+    curve = pgr_curve(gain, qw, qs, cw, cs)
+    by_cost = pgr_curve(switch, qw, qs, cw, cs)
+    target = target_share * q_strong
+    return Evaluation(
+        name=name,
+        cost=by_cost.cost,
+        quality=by_cost.quality,
+        aiq=aiq(by_cost.cost, by_cost.quality, (float(mean_cost.min()), float(mean_cost.max()))),
+        target_quality=target,
+        cost_cut=cost_cut(by_cost.cost, by_cost.quality, target, float(table.cost[:, strong].mean()), path=True),
+        apgr=apgr(curve),
+        cpt50=cpt(curve, 0.5),
+        cpt80=cpt(curve, 0.8),
+        curve=curve,
     )
 
 

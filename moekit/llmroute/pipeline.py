@@ -211,3 +211,59 @@ def evaluate_runs(
         x = run.embed(table.queries, cache_dir)
         evals.append(evaluate(run.router, x, table.select_models(run.router.models), name=Path(f).name))
     return table, evals
+
+
+def cross_validate_runs(
+    folders: list[str | Path],
+    *,
+    folds: int = 5,
+    seeds: tuple[int, ...] = (0, 1),
+    rates: tuple[float, ...] = (),
+    baselines: bool = True,
+    cache_dir: str | Path | None = None,
+    progress=None,
+) -> tuple[RoutingTable, list[dict]]:
+    """Re-train each run's router (its router, arguments and embedder from `train.json`) in K-fold
+    cross-validation on the run's whole table, by question and by subject (see `crossval.compare_splits`).
+
+    The runs must share their data, models and embedder. Baselines: random (DRAWS draws) and the oracle.
+    Returns (table, rows), one row per (split, router).
+    """
+    from moekit.llmroute.crossval import compare_splits
+
+    if not folders:
+        raise ValueError("cross_validate_runs: expected at least one trained router folder")
+    runs = [load_trained(f) for f in folders]
+    first = runs[0].config
+    for f, r in zip(folders[1:], runs[1:], strict=True):
+        c = r.config
+        if (c.data, c.models, c.embedder, c.embedder_args) != (
+            first.data,
+            first.models,
+            first.embedder,
+            first.embedder_args,
+        ):
+            raise ValueError(
+                f"{f}: trained on other data, models or embedder than {folders[0]}; cross-validate them apart"
+            )
+    table = first.data.load(first.models)
+    routers = [("random", {}), ("oracle", {})] if baselines else []
+    labels = [name for name, _ in routers]
+    for f, r in zip(folders, runs, strict=True):
+        routers.append((r.config.router, dict(r.config.router_args)))
+        labels.append(Path(f).name)
+    rows = compare_splits(
+        table,
+        routers,
+        folds=folds,
+        seeds=seeds,
+        embedder=first.embedder,
+        embedder_args=first.embedder_args,
+        cache_dir=cache_dir,
+        draws=DRAWS,
+        rates=rates,
+        randomised=RANDOMISED,
+        progress=progress,
+        labels=labels,
+    )
+    return table, rows
