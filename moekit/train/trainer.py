@@ -309,10 +309,12 @@ def _train(
     start = 0
     if resume:
         old = read_meta(run_dir)
-        if old["model"] != model_cfg.to_dict():
+        # through LMConfig, so a field added since the checkpoint was written takes its default (as `same_run` does)
+        saved_model = LMConfig.from_dict(old["model"]).to_dict()
+        if saved_model != model_cfg.to_dict():
             raise ValueError(
                 "cannot resume: model config differs from the checkpoint's:\n  "
-                + "\n  ".join(_diff(old["model"], model_cfg.to_dict()))
+                + "\n  ".join(_diff(saved_model, model_cfg.to_dict()))
             )
         old_train = {k: v for k, v in {"dtype": "float32", **old["train"]}.items() if k not in RESUME_MAY_CHANGE}
         new_train = {k: v for k, v in train_cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}

@@ -86,3 +86,22 @@ def test_checkpoint_without_device_fields_resumes(tmp_path):
         del meta["train"][k]
     f.write_text(json.dumps(meta))
     assert run(tmp_path / "old", 4, resume=True).step == 4
+
+
+def test_checkpoint_without_a_newer_model_field_resumes(tmp_path):
+    """A run saved before LMConfig had num_experts_per_layer continues (the field takes its default), and a real
+    difference is still refused, named."""
+    import json
+
+    run(tmp_path / "old", 4, stop_after=2)
+    f = tmp_path / "old" / "checkpoint" / "config.json"
+    meta = json.loads(f.read_text())
+    assert meta["model"].pop("num_experts_per_layer") is None
+    f.write_text(json.dumps(meta))
+    assert run(tmp_path / "old", 4, resume=True).step == 4
+    run(tmp_path / "other", 4, stop_after=2)
+    meta = json.loads((tmp_path / "other" / "checkpoint" / "config.json").read_text())
+    meta["model"]["n_layers"] += 1
+    (tmp_path / "other" / "checkpoint" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="n_layers: checkpoint"):
+        run(tmp_path / "other", 4, resume=True)
