@@ -61,7 +61,8 @@ def render_markdown(info: dict, rows: list[dict]) -> str:
         "",
         f"moekit LM, {b['n_layers']} MoE blocks of width {b['dim']}, {b['num_experts']} experts of width "
         f"{b['expert_hidden']} (2 expert evaluations per token unless noted), {b['steps']} steps of "
-        f"{b['batch_size']}x{b['seq_len']} tokens, {seed_text}, built-in corpus. "
+        f"{b['batch_size']}x{b['seq_len']} tokens, {seed_text}, "
+        f"{'reference corpus' if b.get('data') == 'reference' else 'built-in corpus'}. "
         f"Command: `{info['command']}`; torch {info['versions']['torch']}, {info['machine']}.",
         "",
     ]
