@@ -128,6 +128,19 @@ def moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
     return out
 
 
+def calibrated_layers(model: nn.Module, calibration: Calibration, who: str, what: str) -> list[tuple[int, MoE]]:
+    """`moe_layers(model)`, checked: at least one, and the blocks `calibration` covers. `who` names the caller and
+    `what` the experts it changes ("prune", "merge") in the errors."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{who}: {type(model).__name__} has no MoE layers (a dense model has no experts to {what})")
+    blocks = [b for b, _ in layers]
+    if [s.block for s in calibration.layers] != blocks:
+        raise ValueError(f"{who}: the calibration covers MoE blocks {[s.block for s in calibration.layers]}, "
+                         f"the model has {blocks}")
+    return layers
+
+
 def expert_outputs(experts: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
     """The output of expert ids[t] on row x[t], weight 1: x [N, D], ids LongTensor [N] -> [N, D]."""
     E = experts.num_experts

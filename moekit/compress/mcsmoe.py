@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moekit.compress.calibrate import Calibration, LayerStats, moe_layers
+from moekit.compress.calibrate import Calibration, LayerStats, calibrated_layers
 from moekit.compress.prune import check_router_k, kept_count, super_experts
 from moekit.layers.experts import Experts
 from moekit.layers.surgery import merge_experts, replace_expert
@@ -194,13 +194,7 @@ def mcsmoe(model: nn.Module, calibration: Calibration, *, ratio: float, rank: in
     MC-SMoE on `calibration` (of this model, with the "logits" record), then optionally compress every merged
     expert to rank `rank` + a sparse residual at `sparsity`. In place; `model.config.num_experts` is updated.
     Nothing changes when it raises (a bad ratio, rank or sparsity, a router `k` above the merged count)."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"mcsmoe: {type(model).__name__} has no MoE layers (a dense model has no experts to merge)")
-    blocks = [b for b, _ in layers]
-    if [s.block for s in calibration.layers] != blocks:
-        raise ValueError(f"mcsmoe: the calibration covers MoE blocks {[s.block for s in calibration.layers]}, "
-                         f"the model has {blocks}")
+    layers = calibrated_layers(model, calibration, "mcsmoe", "merge")
     counts = {layer.experts.num_experts for _, layer in layers}
     if len(counts) != 1:
         raise ValueError(f"mcsmoe: every MoE layer must have the same number of experts, got {sorted(counts)}")

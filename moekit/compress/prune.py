@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.compress.calibrate import Calibration, LayerStats, moe_layers
+from moekit.compress.calibrate import Calibration, LayerStats, calibrated_layers
 from moekit.layers.moe import MoE
 from moekit.layers.surgery import keep_experts
 from moekit.models.config import LMConfig
@@ -203,13 +203,7 @@ def prune(
     (`moekit.hf.save`). Nothing changes when it raises (a bad ratio, a router `k` larger than the kept
     count, too many super experts to keep, router arguments the router refuses)."""
     select = get_method(method)
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"prune: {type(model).__name__} has no MoE layers (a dense model has no experts to prune)")
-    blocks = [b for b, _ in layers]
-    if [s.block for s in calibration.layers] != blocks:
-        raise ValueError(f"prune: the calibration covers MoE blocks {[s.block for s in calibration.layers]}, "
-                         f"the model has {blocks}")
+    layers = calibrated_layers(model, calibration, "prune", "prune")
     if budget not in BUDGETS:
         raise ValueError(f"prune: budget must be one of {list(BUDGETS)}, got {budget!r}")
     sizes = {b: layer.experts.num_experts for b, layer in layers}
@@ -223,7 +217,7 @@ def prune(
                              f"the layer {sizes[b]} (calibrate the model you prune)")
     protected = super_experts(calibration) if protect_super_experts else {}
     if budget == "uniform":
-        keep = keeps[blocks[0]]
+        keep = keeps[layers[0][0]]
         check_router_k(layers, keep, ratio, "prune")
         for b, ids in protected.items():
             if len(ids) > keep:
