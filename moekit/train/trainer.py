@@ -405,12 +405,13 @@ def _train(
                     x, y, _labels = train_data.sample_batch(train_cfg.batch_size, train_cfg.seq_len, data_gen)
                     x, y = x.to(device), y.to(device)  # no copy on CPU
                     ce, aux, cons, out = micro_batch_loss(model, x, y, train_cfg.consistency, precision)
-                    extra = ce.new_zeros(())
-                    if extra_loss is not None:
+                    loss = ce + aux + train_cfg.consistency * cons
+                    if extra_loss is not None:  # no extra tensor or sync per micro-batch without one
                         with precision if precision is not None else contextlib.nullcontext():
                             extra = extra_loss(x, y, out)
-                    ((ce + aux + train_cfg.consistency * cons + extra) / train_cfg.grad_accum).backward()
-                    extra_sum += float(extra.detach()) / train_cfg.grad_accum
+                        loss = loss + extra
+                        extra_sum += float(extra.detach()) / train_cfg.grad_accum
+                    (loss / train_cfg.grad_accum).backward()
                     loss_sum += float(ce.detach()) / train_cfg.grad_accum
                     aux_sum += float(aux.detach()) / train_cfg.grad_accum
                     cons_sum += float(cons.detach()) / train_cfg.grad_accum
